@@ -1,0 +1,37 @@
+"""Prediction heads: the mask head (MLP -> per-pixel dot product) and the class head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def mlp(dim: int, out_dim: int, num_layers: int = 3) -> nn.Sequential:
+    """Linear+ReLU blocks, the last without ReLU; keys ``{i}.0.weight`` as in the checkpoints."""
+    blocks = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        blocks.append(nn.Sequential(nn.Linear(dim, out_dim if last else dim), nn.Identity() if last else nn.ReLU()))
+    return nn.Sequential(*blocks)
+
+
+class MaskPredictor(nn.Module):
+    def __init__(self, hidden_dim: int, mask_feature_size: int):
+        super().__init__()
+        self.mask_embedder = mlp(hidden_dim, mask_feature_size)
+
+    def forward(
+        self, queries: Tensor, mask_features: Tensor, attention_size: tuple | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """queries: [B, Q, C] (after the decoder's LayerNorm); mask_features: [B, C', H, W].
+
+        Returns mask logits [B, Q, H, W] and, when ``attention_size`` (h, w) is given, the
+        masked-attention mask for the next layer: [B, Q, h*w] bool, True where the query may NOT
+        attend (its mask, resized to h x w, has probability < 0.5 there).
+        """
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embedder(queries), mask_features)
+        if attention_size is None:
+            return masks, None
+        resized = F.interpolate(masks, size=attention_size, mode="bilinear", align_corners=False)
+        return masks, resized.sigmoid().flatten(2) < 0.5

@@ -1,0 +1,75 @@
+"""The whole model: Swin backbone -> pixel decoder -> masked-attention decoder -> heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from m2f_deploy.config import Mask2FormerConfig
+from m2f_deploy.modeling.pixel_decoder import PixelDecoder
+from m2f_deploy.modeling.swin import SwinBackbone
+from m2f_deploy.modeling.transformer_decoder import TransformerModule
+
+
+class Mask2FormerOutput(NamedTuple):
+    """The two logits, named as transformers names them.
+
+    class_queries_logits: [B, Q, num_labels + 1] (the last class is "no object")
+    masks_queries_logits: [B, Q, H/4, W/4]
+    auxiliary_logits: per earlier decoder layer, a dict of both logits (only when asked for)
+    """
+
+    class_queries_logits: Tensor
+    masks_queries_logits: Tensor
+    auxiliary_logits: list[dict[str, Tensor]] | None = None
+
+
+class PixelLevelModule(nn.Module):
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__()
+        self.encoder = SwinBackbone(config.backbone_config)
+        self.decoder = PixelDecoder(config, self.encoder.channels)
+
+
+class Mask2FormerModel(nn.Module):
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__()
+        self.pixel_level_module = PixelLevelModule(config)
+        self.transformer_module = TransformerModule(config)
+
+
+class Mask2Former(nn.Module):
+    """Inference-only Mask2Former equal to transformers' ``Mask2FormerForUniversalSegmentation``.
+
+    ``state_dict()`` keys are the checkpoint keys of the Hugging Face format on disk.
+    """
+
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__()
+        self.config = config
+        self.model = Mask2FormerModel(config)
+        self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+
+    def forward(self, pixel_values: Tensor, output_auxiliary_logits: bool = False) -> Mask2FormerOutput:
+        """pixel_values: [B, 3, H, W] normalised float (H, W multiples of 32 for export)."""
+        plm = self.model.pixel_level_module
+        mask_features, multi_scale = plm.decoder(plm.encoder(pixel_values))
+        states, masks = self.model.transformer_module(multi_scale, mask_features, auxiliary=output_auxiliary_logits)
+        classes = [self.class_predictor(s) for s in states]
+        aux = None
+        if output_auxiliary_logits:
+            aux = [
+                {"class_queries_logits": c, "masks_queries_logits": m}
+                for c, m in zip(classes[:-1], masks[:-1])
+            ]
+        return Mask2FormerOutput(classes[-1], masks[-1], aux)
+
+    @property
+    def device(self) -> torch.device:
+        return self.class_predictor.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.class_predictor.weight.dtype

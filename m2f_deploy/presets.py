@@ -1,0 +1,49 @@
+"""Named architecture presets (data, not code): the shapes of the released COCO-panoptic models.
+
+A preset builds a :class:`Mask2FormerConfig` with generic class names; weights are random
+unless a checkpoint is loaded. Used for latency work and architecture tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m2f_deploy.config import Mask2FormerConfig, SwinConfig
+from m2f_deploy.errors import ConfigError
+
+_COCO_PANOPTIC = {"num_labels": 133, "num_queries": 100}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "swin-tiny-coco-panoptic": {
+        "backbone": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+        **_COCO_PANOPTIC,
+    },
+    "swin-small-coco-panoptic": {
+        "backbone": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+        **_COCO_PANOPTIC,
+    },
+    "swin-base-IN21k-coco-panoptic": {
+        "backbone": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12},
+        **_COCO_PANOPTIC,
+    },
+    "swin-large-coco-panoptic": {
+        "backbone": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12},
+        "num_labels": 133,
+        "num_queries": 200,
+    },
+}
+
+
+def preset_config(name: str) -> Mask2FormerConfig:
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    return Mask2FormerConfig(
+        backbone_config=SwinConfig(**spec["backbone"], drop_path_rate=0.3),
+        num_queries=spec["num_queries"],
+        id2label={i: f"class_{i}" for i in range(spec["num_labels"])},
+    )

@@ -1,0 +1,41 @@
+"""Random-weight Hugging Face checkpoints written by transformers itself (test helper)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from m2f_deploy.config import Mask2FormerConfig
+
+TINY = dict(
+    backbone_config=dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4),
+    feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, encoder_layers=2,
+    decoder_layers=4, num_attention_heads=4, dim_feedforward=64, num_queries=10,
+    id2label={i: f"thing{i}" for i in range(5)},
+)  # fmt: skip
+
+
+def tiny_config(**overrides) -> Mask2FormerConfig:
+    d = {**TINY, **overrides}
+    d["backbone_config"] = {**TINY["backbone_config"], **overrides.get("backbone_config", {})}
+    return Mask2FormerConfig.from_dict(d)
+
+
+def save_hf_checkpoint(config: Mask2FormerConfig, folder: Path, seed: int = 0, perturb: bool = True) -> Path:
+    """Build transformers' model from our config, randomise it, ``save_pretrained`` it.
+
+    transformers initialises some weights to constants (zeros, ones); ``perturb`` adds noise to
+    every floating tensor so that a mix-up of two parameters cannot go unnoticed.
+    """
+    from transformers import Mask2FormerConfig as HFConfig
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(seed)
+    hf = Mask2FormerForUniversalSegmentation(HFConfig(**config.to_dict())).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(folder)
+    return Path(folder)
