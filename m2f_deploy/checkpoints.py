@@ -175,6 +175,25 @@ def load_state_dict_strict(model: Mask2Former, state: dict[str, torch.Tensor], s
     return skipped
 
 
+def save_checkpoint(model: Mask2Former, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint folder (``config.json`` + ``model.safetensors``).
+
+    Our parameter names are the on-disk Hugging Face names, so transformers loads the folder too.
+    Each file is written atomically.
+    """
+    from safetensors.torch import save_file
+
+    from m2f_deploy.utils import atomic_output
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_output(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    return folder
+
+
 def load_model(
     path_or_id: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Mask2Former:

@@ -173,3 +173,20 @@ def test_detectron2_file_is_refused_clearly(tmp_path):
     f.write_bytes(b"\x80\x04")
     with pytest.raises(M2FError, match="detectron2"):
         load_model(f)
+
+
+def test_saved_checkpoint_loads_in_transformers_with_same_logits(tmp_path):
+    """save_checkpoint writes the Hugging Face on-disk format: transformers reads it as is."""
+    import transformers
+
+    from m2f_deploy.checkpoints import save_checkpoint
+    from m2f_deploy.modeling import Mask2Former
+
+    ours = Mask2Former.random(tiny_config(), seed=3)
+    save_checkpoint(ours, tmp_path)
+    hf = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = hf(x).masks_queries_logits, ours(x).masks_queries_logits
+    assert (a - b).abs().max() <= 1e-4 and b.std() > 1e-3
+    assert torch.equal(_logits(load_model(tmp_path)), _logits(ours))

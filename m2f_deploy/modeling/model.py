@@ -13,6 +13,9 @@ from m2f_deploy.modeling.swin import SwinBackbone
 from m2f_deploy.modeling.transformer_decoder import TransformerModule
 
 
+NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
 class Mask2FormerOutput(NamedTuple):
     """The two logits, named as transformers names them.
 
@@ -65,6 +68,19 @@ class Mask2Former(nn.Module):
                 for c, m in zip(classes[:-1], masks[:-1])
             ]
         return Mask2FormerOutput(classes[-1], masks[-1], aux)
+
+    @classmethod
+    def random(cls, config: Mask2FormerConfig, seed: int = 0) -> Mask2Former:
+        """A model with seeded random weights (latency work, tests): N(0, 0.02) weights, unit norms."""
+        model = cls(config)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if isinstance(model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, NORMS):
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        return model.eval()
 
     @property
     def device(self) -> torch.device:

@@ -11,11 +11,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f_deploy.config import Mask2FormerConfig
+from m2f_deploy.modeling.layers import size_tensor
 from m2f_deploy.modeling.ms_deform_attn import multi_scale_deformable_attention
 from m2f_deploy.modeling.position_encoding import SinePositionEmbedding
 
 NUM_LEVELS = 3  # transformer levels: strides 32, 16, 8
 NUM_POINTS = 4  # sampling points per head and level
+
+
+class DeformableSampler(nn.Module):
+    """Sampling locations from reference points and offsets, then MSDA. No parameters.
+
+    A module of its own so that every exported node of the sampling arithmetic carries its scope
+    (``.../self_attn/sampler/...``): the fp16 converter keeps that scope in float32.
+    """
+
+    def forward(
+        self,
+        value: Tensor,
+        offsets: Tensor,
+        weights: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: list[tuple],
+        normalizer: Tensor,
+    ) -> Tensor:
+        """value [B, S, M, D]; offsets [B, S, M, L, P, 2]; weights [B, S, M, L, P] -> [B, S, M*D]."""
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        return multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
 
 
 class MultiscaleDeformableAttention(nn.Module):
@@ -26,6 +48,7 @@ class MultiscaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        self.sampler = DeformableSampler()
 
     def forward(
         self, x: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple], normalizer: Tensor
@@ -37,9 +60,7 @@ class MultiscaleDeformableAttention(nn.Module):
         value = self.value_proj(x).view(b, s, m, c // m)
         offsets = self.sampling_offsets(query).view(b, s, m, lv, p, 2)
         weights = self.attention_weights(query).view(b, s, m, lv * p).softmax(-1).view(b, s, m, lv, p)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
-        return self.output_proj(out)
+        return self.output_proj(self.sampler(value, offsets, weights, reference_points, spatial_shapes, normalizer))
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -114,9 +135,7 @@ class PixelDecoder(nn.Module):
         )
         x = torch.cat([e.flatten(2).transpose(1, 2) for e in embeds], 1)
         ref = reference_points(spatial_shapes, x.dtype, x.device)
-        normalizer = torch.stack(
-            [torch.stack([torch.as_tensor(w), torch.as_tensor(h)]) for h, w in spatial_shapes]
-        ).to(device=x.device, dtype=x.dtype)
+        normalizer = size_tensor([s for h, w in spatial_shapes for s in (w, h)], x).view(-1, 2)  # (W, H) per level
         for layer in self.encoder.layers:
             x = layer(x, pos, ref, spatial_shapes, normalizer)
 

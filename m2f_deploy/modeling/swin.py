@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f_deploy.config import SwinConfig
-from m2f_deploy.modeling.layers import activation, pad_amount, tracing
+from m2f_deploy.modeling.layers import activation, attention, pad_amount, tracing
 
 
 def window_partition(x: Tensor, ws: int) -> Tensor:
@@ -95,7 +95,7 @@ class SwinSelfAttention(nn.Module):
             num_windows = shift_mask.shape[0]
             mask = shift_mask[None, :, None].expand(bw // num_windows, -1, -1, -1, -1).reshape(-1, 1, n, n)
             bias = bias + mask  # [B*nW, heads, N, N]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_dim**-0.5)
+        out = attention(q, k, v, bias, scale=self.head_dim**-0.5)
         return out.transpose(1, 2).reshape(bw, n, c)
 
 

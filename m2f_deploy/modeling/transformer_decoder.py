@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from m2f_deploy.config import Mask2FormerConfig
 from m2f_deploy.modeling.heads import MaskPredictor
-from m2f_deploy.modeling.layers import activation
+from m2f_deploy.modeling.layers import activation, attention
 from m2f_deploy.modeling.pixel_decoder import NUM_LEVELS
 from m2f_deploy.modeling.position_encoding import SinePositionEmbedding
 
@@ -39,7 +39,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         qk = x + pos
         q, k, v = (_heads(t, self.num_heads) for t in (self.q_proj(qk), self.k_proj(qk), self.v_proj(x)))
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out_proj(_merge_heads(attention(q, k, v)))
 
 
 class MaskedCrossAttention(nn.Module):
@@ -59,7 +59,7 @@ class MaskedCrossAttention(nn.Module):
         q = _heads(F.linear(query, wq, bq), self.num_heads)
         k = _heads(F.linear(key, wk, bk), self.num_heads)
         v = _heads(F.linear(value, wv, bv), self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask[:, None])
+        out = attention(q, k, v, ~mask[:, None])
         return self.out_proj(_merge_heads(out))
 
 

@@ -1,0 +1,104 @@
+"""m2f-export: a checkpoint (or an architecture preset) -> a validated ONNX graph."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from m2f_deploy.cli.common import Parser, run, setup_logging
+from m2f_deploy.errors import InputError
+
+log = logging.getLogger("m2f_deploy.cli")
+
+
+def build_parser() -> Parser:
+    from m2f_deploy.presets import PRESETS
+
+    p = Parser(
+        prog="m2f-export",
+        description="Export a Mask2Former checkpoint to ONNX and check it against PyTorch.",
+        epilog="Example: m2f-export ./mask2former-swin-tiny-coco-panoptic --fp16 -o model.onnx",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint folder or hub id")
+    src.add_argument("--preset", help=f"an architecture with RANDOM weights, for latency work: {', '.join(PRESETS)}")
+    p.add_argument("-o", "--output", type=Path, help="output .onnx file (default: <checkpoint name>[-fp16].onnx)")
+    p.add_argument("--size", type=int, nargs="+", default=[384], metavar=("H", "W"),
+                   help="export height and width, multiples of 32 (default: 384 384)")
+    p.add_argument("--batch", type=int, default=1, help="export batch size (default: 1)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
+    p.add_argument("--dynamic-shape", action="store_true", help="dynamic height and width (multiples of 32)")
+    p.add_argument("--msda", default="grid_sample",
+                   help="deformable attention: grid_sample (default), gather (no GridSample), trt_plugin")
+    p.add_argument("--exporter", default="torchscript", help="torchscript (default) or dynamo")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+    p.add_argument("--fp16", action="store_true", help="fp16 graph with fp32 islands; inputs and outputs stay fp32")
+    p.add_argument("--cleanup", default="auto", help="graph clean-up: auto (default), ort, onnxslim, none")
+    p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    p.add_argument("--atol", action="append", default=[], metavar="OUTPUT=TOL",
+                   help="max abs error allowed for an output, e.g. masks_queries_logits=0.1 (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs and preset weights")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return p
+
+
+def _tolerances(items: list[str]) -> dict[str, float]:
+    from m2f_deploy.artifact import OUTPUT_NAMES
+
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in OUTPUT_NAMES:
+            raise InputError(f"--atol {item}: unknown output {name!r} (outputs: {', '.join(OUTPUT_NAMES)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise InputError(f"--atol {item}: {value!r} is not a number") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    if len(args.size) > 2:
+        raise InputError(f"--size takes H [W], got {len(args.size)} numbers")
+    height, width = (args.size * 2)[:2]
+    tolerances = _tolerances(args.atol)
+
+    from m2f_deploy.export import export_onnx
+    from m2f_deploy.export.onnx_export import MIN_OPSET, check_export_args, check_output_path
+
+    name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
+    output = args.output or Path(f"{name}{'-fp16' if args.fp16 else ''}.onnx")
+    # check everything that is cheap before the (slow) model load
+    check_export_args(height, width, args.batch, args.msda, args.exporter, args.opset or MIN_OPSET)
+    check_output_path(output)
+
+    if args.preset:
+        from m2f_deploy.modeling import Mask2Former
+        from m2f_deploy.presets import preset_config
+
+        model = Mask2Former.random(preset_config(args.preset), seed=args.seed)
+        log.warning("WARNING: preset %s has RANDOM weights: its outputs mean nothing (latency work only)", args.preset)
+    else:
+        from m2f_deploy import load_model
+
+        log.info("loading %s ...", args.checkpoint)
+        model = load_model(args.checkpoint)
+    export_onnx(
+        model, output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
+        dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
+        exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
+        seed=args.seed,
+    )  # fmt: skip
+    print(output)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("m2f-export", main))
+
+
+if __name__ == "__main__":
+    entry()
