@@ -20,16 +20,8 @@ SCOPE_BLOCK_LIST = ("/sampler/", "/position_embedding/", "/position_embedder/")
 
 
 def _blocked_nodes(model: onnx.ModelProto) -> list[str]:
-    names = []
-    for node in model.graph.node:
-        scope = node.name
-        # the dynamo exporter records module scopes as metadata, not in node names
-        for prop in node.metadata_props:
-            if prop.key == "pkg.torch.onnx.name_scopes":
-                scope += " " + prop.value.replace("'", "/").replace(", ", "/")
-        if any(s in scope or s.strip("/") + "." in scope for s in SCOPE_BLOCK_LIST):
-            names.append(node.name)
-    return names
+    """Nodes named inside a blocked module scope (both exporters name nodes ``/module/path/...``)."""
+    return [n.name for n in model.graph.node if any(s in n.name for s in SCOPE_BLOCK_LIST)]
 
 
 def to_fp16(model: onnx.ModelProto, keep_io_types: bool = True) -> onnx.ModelProto:

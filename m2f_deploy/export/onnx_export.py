@@ -121,6 +121,23 @@ def _dynamo(wrapper: nn.Module, x: Tensor, f: Path, opset: int, axes: dict, tabl
     program.save(str(f))
 
 
+def _name_by_scope(graph: onnx.ModelProto) -> None:
+    """Give dynamo-exported nodes TorchScript-style names (``/module/path/node_Mul_3``).
+
+    The dynamo exporter keeps module scopes only in per-node metadata, which clean-up drops; the
+    fp16 converter's scope block list reads node names. The bulky metadata (stack traces) goes.
+    """
+    import ast
+
+    for node in graph.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        modules = [s for s in scopes[:-1] if s]
+        if modules:
+            node.name = "/" + modules[-1].replace(".", "/") + "/" + node.name
+        del node.metadata_props[:]
+
+
 def _preprocessing(model: Mask2Former, processor: Any) -> dict[str, Any]:
     if processor is None:
         ckpt = getattr(model, "checkpoint", None)
@@ -244,6 +261,8 @@ def export_onnx(
                 else:
                     _dynamo(wrapper, x, raw, opset, axes, table)
         graph = onnx.load(str(raw))
+        if exporter == "dynamo":
+            _name_by_scope(graph)
         nodes_raw = len(graph.graph.node)
         if cleanup != "none":
             with stage(f"clean-up ({cleanup})"):

@@ -1,0 +1,32 @@
+"""The README's two commands stay true: CI runs the test command, and the demo runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_starts_with_demo_and_test_commands():
+    demo, tests = _readme_commands()[:2]
+    assert demo.endswith("python -m m2f_deploy.demo")
+    assert "pip install -c .ci/constraints.txt" in demo
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in [line.strip() for line in ci], "the README's test command is what .ci/run runs"
+
+
+def test_demo_runs(tmp_path, capsys):
+    from m2f_deploy.demo import main
+
+    assert main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "latency (median of 5, ms)" in out
+    for name in ("model.onnx", "image.png", "semantic.png", "checkpoint/config.json", "checkpoint/model.safetensors",
+                 "checkpoint/preprocessor_config.json"):
+        assert (tmp_path / name).is_file(), name
