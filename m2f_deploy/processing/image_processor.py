@@ -1,0 +1,330 @@
+"""``ImageProcessor``: HF's ``Mask2FormerImageProcessor`` in numpy and Pillow, plus a fixed-canvas mode.
+
+Typical use, the way a runtime with a static-shape engine uses it::
+
+    processor = ImageProcessor.from_pretrained("checkpoint_dir", canvas=(640, 640))  # or canvas= per call
+    inputs = processor(images)                   # pixel_values [B, 3, 640, 640], pixel_mask, original_sizes
+    outputs = engine(inputs["pixel_values"])     # class_queries_logits, masks_queries_logits
+    results = processor.post_process_panoptic_segmentation(
+        outputs, target_sizes=inputs["original_sizes"], pixel_mask=inputs["pixel_mask"]
+    )
+
+Passing ``pixel_mask`` makes the post-processes crop each image's padding before resizing, so results line up
+with the original image (HF resizes the padded logits as they are). Without ``canvas`` and ``pixel_mask``,
+every method matches transformers (see ``postprocess`` and ``images`` for the details and the few extensions).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m2f_deploy.errors import ConfigError, InputError
+from m2f_deploy.processing import images as img
+from m2f_deploy.processing import postprocess, settings
+
+CONFIG_NAME = "preprocessor_config.json"
+
+_Size = tuple[int, int]
+_IdMap = Mapping[int, int]
+
+
+class ImageProcessor:
+    """Mask2Former pre- and post-processing without torch.
+
+    Construct it with the keys of HF's ``preprocessor_config.json`` (``size``, ``size_divisor``, ``resample``,
+    ``do_resize``, ``do_rescale``, ``rescale_factor``, ``do_normalize``, ``image_mean``, ``image_std``,
+    ``ignore_index``, ``do_reduce_labels``, ``num_labels``, ``pad_size``; legacy ``max_size``,
+    ``size_divisibility``, ``reduce_labels``) and optionally ``canvas=(H, W)``. Unknown keys are kept and
+    written back. The options are readable as attributes (``processor.size``) and in ``processor.settings``.
+    """
+
+    def __init__(self, **options: Any):
+        self.settings = settings.parse(options, error=ConfigError, strict=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "settings" and name in settings.Settings.__dataclass_fields__:
+            return copy.copy(getattr(self.settings, name))  # a copy: the settings are immutable
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+    # -- configuration -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> ImageProcessor:
+        """Load ``preprocessor_config.json`` from a checkpoint folder (or that file's path); ``overrides`` win."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        try:
+            options = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"no {CONFIG_NAME} in {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read {file}: {err}") from None
+        if not isinstance(options, dict):
+            raise ConfigError(f"{file} must hold a JSON object, got {type(options).__name__}")
+        return cls(**{**options, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a ``preprocessor_config.json`` dictionary that transformers can load."""
+        return settings.to_dict(self.settings)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/preprocessor_config.json`` atomically (temporary file, then rename); returns its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / CONFIG_NAME
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        handle, temporary = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return target
+
+    # -- preprocessing -----------------------------------------------------------------------------------------
+
+    def __call__(
+        self, images: Any, segmentation_maps: Any = None, instance_id_to_semantic_id: Any = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Same as :meth:`preprocess`."""
+        return self.preprocess(images, segmentation_maps, instance_id_to_semantic_id, **kwargs)
+
+    def preprocess(
+        self,
+        images: Any,
+        segmentation_maps: Any = None,
+        instance_id_to_semantic_id: _IdMap | Sequence[_IdMap] | None = None,
+        *,
+        input_data_format: str | None = None,
+        return_tensors: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Resize, rescale, normalize and pad a batch; encode segmentation maps when given.
+
+        ``images``: a PIL image, an array (``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``, C in 1/3/4; a 4-D array is
+        a batch) or a list of them. ``segmentation_maps``: one ``[H, W]`` map per image (class ids, or instance
+        ids with ``instance_id_to_semantic_id``: one mapping for all images or one per image). ``options``
+        override the processor's options for this call (e.g. ``canvas=(640, 640)``, ``do_resize=False``).
+
+        Returns a dict: ``pixel_values`` ``[B, 3, H, W]`` float32, ``pixel_mask`` ``[B, H, W]`` int64 (1 on
+        image pixels, 0 on padding), ``original_sizes`` ``[B, 2]`` int64 (each input's height and width; ours,
+        handy as ``target_sizes``), and with segmentation maps ``mask_labels`` (per image ``[N, H, W]``
+        float32; padding holds ``ignore_index``, as in HF) and ``class_labels`` (per image ``[N]`` int64).
+        """
+        _check_return_tensors(return_tensors)
+        s = settings.parse(options, self.settings, error=InputError, strict=True) if options else self.settings
+        channels_last = img.channels_last_flag(input_data_format)
+        pictures = [
+            img.to_rgb(item, f"images[{i}]", channels_last)
+            for i, item in enumerate(img.flat_list(images, "images", 3))
+        ]
+        labels = self._label_maps(segmentation_maps, [p.shape[1:] for p in pictures])
+
+        processed, resized_labels = [], []
+        for i, picture in enumerate(pictures):
+            source = picture.shape[1:]
+            size = self._output_size(source, s, i)
+            if size != source:
+                picture = img.resize_rgb(picture, size, s.resample, f"images[{i}]")
+            processed.append(
+                img.rescale_and_normalize(
+                    picture,
+                    s.rescale_factor if s.do_rescale else None,
+                    s.image_mean if s.do_normalize else None,
+                    s.image_std if s.do_normalize else None,
+                )
+            )
+            if labels is not None:
+                name = f"segmentation_maps[{i}]"
+                resized_labels.append(labels[i] if size == source else img.resize_label_map(labels[i], size, name))
+
+        padded = s.canvas or s.pad_size or tuple(max(p.shape[i] for p in processed) for i in (1, 2))
+        encoded = self._encode(
+            processed, resized_labels if labels is not None else None, instance_id_to_semantic_id, s.ignore_index,
+            s.do_reduce_labels, padded,
+        )
+        encoded["original_sizes"] = np.array([p.shape[1:] for p in pictures], dtype=np.int64).reshape(-1, 2)
+        return encoded
+
+    def encode_inputs(
+        self,
+        pixel_values_list: Sequence[Any],
+        segmentation_maps: Any = None,
+        instance_id_to_semantic_id: _IdMap | Sequence[_IdMap] | None = None,
+        ignore_index: int | None = None,
+        do_reduce_labels: bool = False,
+        return_tensors: str | None = None,
+        input_data_format: str | None = None,
+    ) -> dict[str, Any]:
+        """Pad already-processed images to the largest in the batch and encode their segmentation maps (HF 4.x API).
+
+        ``pixel_values_list``: arrays ``[C, H, W]`` (or ``[H, W, C]``, inferred or per ``input_data_format``),
+        not resized or normalized here; ``segmentation_maps``: one ``[H, W]`` map per image, at the same size.
+        ``ignore_index`` defaults to the processor's. Returns ``pixel_values`` ``[B, C, H, W]`` float32,
+        ``pixel_mask`` ``[B, H, W]`` int64 and, with maps, ``mask_labels`` / ``class_labels`` as
+        :meth:`preprocess` makes them.
+        """
+        _check_return_tensors(return_tensors)
+        channels_last = img.channels_last_flag(input_data_format)
+        values = []
+        for i, item in enumerate(pixel_values_list):
+            array = np.asarray(item)
+            if array.ndim != 3 or array.dtype.kind not in "buif":
+                raise InputError(
+                    f"pixel_values_list[{i}] must be a real [C, H, W] array, got {array.dtype} {array.shape}"
+                )
+            values.append(img.to_channels_first(array, f"pixel_values_list[{i}]", channels_last, (1, 3)))
+        if not values:
+            raise InputError("pixel_values_list is empty")
+        labels = self._label_maps(segmentation_maps, [v.shape[1:] for v in values])
+        padded = tuple(max(v.shape[i] for v in values) for i in (1, 2))
+        ignore = self.settings.ignore_index if ignore_index is None else ignore_index
+        return self._encode(values, labels, instance_id_to_semantic_id, ignore, do_reduce_labels, padded)
+
+    @staticmethod
+    def _output_size(source: _Size, s: settings.Settings, index: int) -> _Size:
+        if s.canvas is not None:
+            if s.do_resize:
+                return img.fitted_size(source, s.canvas)
+            if source[0] > s.canvas[0] or source[1] > s.canvas[1]:
+                raise InputError(f"images[{index}] of size {source} does not fit canvas {s.canvas} without resizing")
+            return source
+        return img.resized_size(source, s.size, s.size_divisor) if s.do_resize else source
+
+    @staticmethod
+    def _label_maps(segmentation_maps: Any, sizes: Sequence[_Size]) -> list[np.ndarray] | None:
+        if segmentation_maps is None:
+            return None
+        maps = [
+            img.to_label_map(item, f"segmentation_maps[{i}]")
+            for i, item in enumerate(img.flat_list(segmentation_maps, "segmentation_maps", 2))
+        ]
+        if len(maps) != len(sizes):
+            raise InputError(f"got {len(maps)} segmentation maps for {len(sizes)} images")
+        for i, (labels, size) in enumerate(zip(maps, sizes)):
+            if labels.shape != tuple(size):
+                raise InputError(f"segmentation_maps[{i}] has size {labels.shape} but its image has {tuple(size)}")
+        return maps
+
+    @staticmethod
+    def _encode(
+        pixel_values: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None,
+        instance_id_to_semantic_id: _IdMap | Sequence[_IdMap] | None,
+        ignore_index: int | None,
+        do_reduce_labels: bool,
+        padded: _Size,
+    ) -> dict[str, Any]:
+        """Pad ``[C, h, w]`` arrays to ``padded``; turn label maps into padded binary masks and class ids."""
+        height, width = padded
+        batch, channels = len(pixel_values), pixel_values[0].shape[0]
+        out = np.zeros((batch, channels, height, width), np.float32)
+        pixel_mask = np.zeros((batch, height, width), np.int64)
+        for i, values in enumerate(pixel_values):
+            h, w = values.shape[1:]
+            if values.shape[0] != channels:
+                raise InputError(f"pixel values {i} has {values.shape[0]} channels, the first has {channels}")
+            if h > height or w > width:
+                raise InputError(f"image {i} of size {(h, w)} is larger than the padded size {padded}")
+            out[i, :, :h, :w] = values
+            pixel_mask[i, :h, :w] = 1
+        encoded: dict[str, Any] = {"pixel_values": out, "pixel_mask": pixel_mask}
+        if labels is None:
+            return encoded
+        per_image = isinstance(instance_id_to_semantic_id, (list, tuple))
+        if per_image and len(instance_id_to_semantic_id) != batch:
+            count = len(instance_id_to_semantic_id)
+            raise InputError(f"instance_id_to_semantic_id has {count} mappings for {batch} images")
+        mask_labels, class_labels = [], []
+        for i, label_map in enumerate(labels):
+            mapping = instance_id_to_semantic_id[i] if per_image else instance_id_to_semantic_id
+            name = f"segmentation_maps[{i}]"
+            masks, classes = img.binary_masks(label_map, mapping, ignore_index, do_reduce_labels, name)
+            fill = 0 if ignore_index is None else ignore_index
+            padded_masks = np.full((len(masks), height, width), fill, np.float32)
+            padded_masks[:, : masks.shape[1], : masks.shape[2]] = masks
+            mask_labels.append(padded_masks)
+            class_labels.append(classes)
+        encoded["mask_labels"] = mask_labels
+        encoded["class_labels"] = class_labels
+        return encoded
+
+    # -- post-processing ---------------------------------------------------------------------------------------
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: Sequence[Sequence[int]] | np.ndarray | None = None,
+        return_segmentation_scores: bool = False,
+        pixel_mask: np.ndarray | None = None,
+    ) -> list[np.ndarray] | list[dict[str, np.ndarray]]:
+        """HF's semantic segmentation: per image ``[H, W]`` int64 class ids (``[384, 384]`` without target sizes).
+
+        ``outputs``: a mapping or object with ``class_queries_logits`` ``[B, Q, C+1]`` and ``masks_queries_logits``
+        ``[B, Q, h, w]``. ``target_sizes``: ``B`` (height, width) pairs. ``pixel_mask`` ``[B, H, W]`` (from
+        :meth:`preprocess`, ours): crop each image's padding first. With ``return_segmentation_scores``: per image
+        ``{"segmentation", "segmentation_scores" [C, H, W]}``.
+        """
+        return postprocess.semantic_segmentation(outputs, target_sizes, return_segmentation_scores, pixel_mask)
+
+    def post_process_instance_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        target_sizes: Sequence[Sequence[int]] | np.ndarray | None = None,
+        return_coco_annotation: bool = False,
+        return_binary_maps: bool = False,
+        pixel_mask: np.ndarray | None = None,
+    ) -> list[dict[str, Any]]:
+        """HF's instance segmentation: per image ``{"segmentation", "segments_info"}``.
+
+        ``segmentation``: ``[H, W]`` float32 segment ids (-1: none), HF's RLE lists with
+        ``return_coco_annotation``, or ``[N, H, W]`` float32 masks with ``return_binary_maps``. ``mask_threshold``
+        and ``overlap_mask_area_threshold`` are unused, as in HF. ``pixel_mask``: see the semantic method.
+        """
+        return postprocess.instance_segmentation(
+            outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes, return_coco_annotation,
+            return_binary_maps, pixel_mask,
+        )
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Collection[int] | None = None,
+        target_sizes: Sequence[Sequence[int]] | np.ndarray | None = None,
+        pixel_mask: np.ndarray | None = None,
+    ) -> list[dict[str, Any]]:
+        """HF's panoptic segmentation: per image ``{"segmentation", "segments_info"}``.
+
+        ``segmentation``: ``[H, W]`` int32 segment ids (0: none; float32 -1 everywhere when nothing passes
+        ``threshold``, as in HF). ``pixel_mask``: see the semantic method.
+        """
+        return postprocess.panoptic_segmentation(
+            outputs, threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse, target_sizes,
+            pixel_mask,
+        )
+
+
+def _check_return_tensors(return_tensors: str | None) -> None:
+    if return_tensors not in (None, "np"):
+        raise InputError(f"return_tensors={return_tensors!r} is not supported: this processor returns numpy arrays")

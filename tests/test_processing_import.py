@@ -1,0 +1,28 @@
+"""m2f_deploy.processing runs on a box without PyTorch: importing and using it never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_processing_never_imports_torch():
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import m2f_deploy.processing
+        from m2f_deploy.processing import ImageProcessor
+        from m2f_deploy.processing.synthetic import synthetic_outputs
+
+        processor = ImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+        processor(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))
+        outputs = synthetic_outputs(num_queries=8, num_classes=5, mask_size=(16, 16))
+        for task in ("semantic", "instance", "panoptic"):
+            getattr(processor, f"post_process_{task}_segmentation")(outputs, target_sizes=[(30, 20)])
+        heavy = sorted(m for m in ("torch", "torchvision", "transformers") if m in sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -1,0 +1,147 @@
+"""The building blocks of m2f_deploy.processing against torch: resampling, cell certification, top-k order, RLE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2f_deploy.processing.resize import (
+    CellGrid,
+    bilinear,
+    bilinear_cropped,
+    nearest,
+    resize_maps,
+    sample_maps,
+)
+from m2f_deploy.processing.rle import binary_mask_to_rle, segmentation_to_rle
+from m2f_deploy.processing.topk import topk_order
+
+SIZES = [
+    ((96, 128), (384, 384)),  # mask logits -> HF's working grid
+    ((384, 384), (480, 640)),  # working grid -> a typical target
+    ((384, 384), (100, 37)),  # downsampling
+    ((384, 384), (1, 700)),  # a 1-pixel-high target
+    ((7, 5), (384, 384)),
+    ((384, 384), (384, 384)),  # identity
+]
+
+
+def _torch_resize(maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(torch.from_numpy(maps)[None], size=size, mode=mode, **kwargs)[0].numpy()
+
+
+@pytest.mark.parametrize(("src", "dst"), SIZES)
+def test_bilinear_resize_equals_torch(src, dst):
+    maps = np.random.default_rng(0).normal(0, 4, (3, *src)).astype(np.float32)
+    ours = resize_maps(maps, bilinear(src[0], dst[0]), bilinear(src[1], dst[1]))
+    np.testing.assert_allclose(ours, _torch_resize(maps, dst), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(("src", "dst"), SIZES + [((384, 384), (1, 1)), ((5, 9), (17, 3))])
+def test_nearest_indices_equal_torch(src, dst):
+    maps = np.arange(np.prod(src), dtype=np.float32).reshape(1, *src)
+    ours = maps[:, nearest(src[0], dst[0])][:, :, nearest(src[1], dst[1])]
+    np.testing.assert_array_equal(ours, _torch_resize(maps, dst, mode="nearest"))
+
+
+def test_sampled_pixels_equal_the_resized_maps():
+    rng = np.random.default_rng(1)
+    maps = rng.normal(0, 3, (4, 96, 128)).astype(np.float32)
+    for rows, cols in [
+        (bilinear(96, 384), bilinear(128, 384)),
+        (bilinear_cropped(96, 384, 301, 384), bilinear_cropped(128, 512, 450, 384)),
+    ]:
+        ys, xs = rng.integers(0, 384, 500), rng.integers(0, 384, 500)
+        np.testing.assert_allclose(
+            sample_maps(maps, rows, cols, ys, xs), resize_maps(maps, rows, cols)[:, ys, xs], rtol=0, atol=1e-6
+        )
+
+
+def test_cropped_resampling_is_upsample_then_crop_then_resize():
+    maps = np.random.default_rng(2).normal(0, 3, (2, 24, 32)).astype(np.float32)
+    padded = _torch_resize(maps, (96, 128))[:, :70, :101]  # the valid region of a 96x128 padded input
+    expected = _torch_resize(np.ascontiguousarray(padded), (50, 60))
+    ours = resize_maps(maps, bilinear_cropped(24, 96, 70, 50), bilinear_cropped(32, 128, 101, 60))
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+    assert bilinear_cropped(24, 96, 96, 50) is bilinear(24, 50)  # no padding: plain resampling
+
+
+def _dense_argmax(scores: np.ndarray, grid: CellGrid) -> np.ndarray:
+    return _torch_resize(scores, grid.dst).argmax(axis=0)
+
+
+@pytest.mark.parametrize("dst", [(480, 640), (100, 37), (384, 384), (1, 1)])
+@pytest.mark.parametrize("kind", ["smooth", "ties"])
+def test_certified_argmax_equals_dense_argmax(dst, kind):
+    rng = np.random.default_rng(3)
+    coarse = rng.normal(0, 1, (6, 12, 12)).astype(np.float32)
+    scores = resize_maps(coarse, bilinear(12, 64), bilinear(12, 64))  # [C, 64, 64], smooth regions
+    if kind == "ties":  # channel 4 equals channel 1 exactly: ties must go to the lower id
+        scores[4] = scores[1]
+    grid = CellGrid((64, 64), dst)
+    flat = scores.reshape(len(scores), -1)
+    # exact bounds for channels 0..3 and 5; channel 4 is "untracked", capped by its true maximum
+    tracked = np.array([0, 1, 2, 3, 5])
+    labels = grid.certified_argmax(
+        flat[tracked], flat[tracked], tracked, flat[4], 1e-6, lambda points, everything: flat[:, points]
+        if everything else flat[tracked][:, points]
+    )
+    dense = _dense_argmax(scores, grid)
+    assert labels.shape == dst
+    assert (labels == dense).mean() > 0.999
+
+
+def test_certified_argmax_with_loose_bounds_still_exact():
+    rng = np.random.default_rng(4)
+    scores = resize_maps(rng.normal(0, 1, (5, 10, 10)).astype(np.float32), bilinear(10, 48), bilinear(10, 48))
+    flat = scores.reshape(5, -1)
+    slack = rng.uniform(0, 0.3, flat.shape).astype(np.float32)
+    grid = CellGrid((48, 48), (200, 150))
+    labels = grid.certified_argmax(
+        flat - slack, flat + slack, np.arange(5), np.float32(np.finfo(np.float32).min), 1e-6,
+        lambda points, _: flat[:, points],
+    )
+    assert (labels == _dense_argmax(scores, grid)).mean() > 0.999
+
+
+@pytest.mark.parametrize("dst", [(480, 640), (100, 37), (384, 384)])
+def test_count_at_least_equals_dense_count(dst):
+    rng = np.random.default_rng(5)
+    logits = resize_maps(rng.normal(0, 4, (4, 8, 8)).astype(np.float32), bilinear(8, 384), bilinear(8, 384))
+    sig = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    scale = np.array([0.9, 0.6, 1.0, 0.75], np.float32)
+    counts = CellGrid((384, 384), dst).count_at_least(sig, scale, 0.5, 1e-5)
+    dense = (_torch_resize(sig, dst) * scale[:, None, None] >= 0.5).sum(axis=(1, 2))
+    np.testing.assert_array_equal(counts, dense)
+    assert counts.min() > 0 and counts.max() < dst[0] * dst[1]  # a real test: some in, some out
+
+
+@pytest.mark.parametrize(("queries", "classes"), [(100, 133), (100, 20), (30, 8), (5, 1), (1, 64)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_order_equals_torch_unsorted_topk(queries, classes, ties):
+    rng = np.random.default_rng(queries * classes)
+    values = rng.random(queries * classes).astype(np.float32)
+    if ties:
+        values = np.round(values * 4) / 4
+    expected = torch.topk(torch.from_numpy(values), queries, sorted=False).indices.numpy()
+    np.testing.assert_array_equal(topk_order(values, queries), expected)
+
+
+def test_rle_matches_transformers():
+    from transformers.models.mask2former.image_processing_pil_mask2former import (
+        binary_mask_to_rle as hf_binary_mask_to_rle,
+    )
+    from transformers.models.mask2former.image_processing_pil_mask2former import (
+        convert_segmentation_to_rle as hf_segmentation_to_rle,
+    )
+
+    rng = np.random.default_rng(6)
+    segmentation = rng.integers(-1, 4, (37, 53)).astype(np.float32)
+    segmentation[:5] = -1
+    assert segmentation_to_rle(segmentation) == hf_segmentation_to_rle(torch.from_numpy(segmentation))
+    for mask in [np.zeros((4, 4)), np.ones((3, 5)), segmentation == 2]:
+        assert binary_mask_to_rle(mask) == hf_binary_mask_to_rle(torch.from_numpy(mask.astype(np.int64)))
+    assert binary_mask_to_rle(np.array([[0, 1, 1], [1, 0, 1]])) == [2, 3, 6, 1]  # 1-based starts, row-major
