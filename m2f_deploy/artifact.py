@@ -6,10 +6,10 @@ dynamic axes, MSDA flavour, precision, outputs, and where it came from.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from m2f_deploy.errors import InputError
+from m2f_deploy.utils import parse_json_object
 
 METADATA_KEY = "m2f_deploy"
 FORMAT_VERSION = 1
@@ -81,12 +81,7 @@ def parse_metadata(text: str | None, where: str) -> dict[str, Any]:
     """Check and return the metadata JSON; ``where`` names the artifact in errors."""
     if text is None:
         raise InputError(f"{where}: no '{METADATA_KEY}' metadata entry (not exported by m2f-export)")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: '{METADATA_KEY}' metadata is not valid JSON ({e.msg})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{where}: '{METADATA_KEY}' metadata is not a JSON object")
+    meta = parse_json_object(text, f"{where}: '{METADATA_KEY}' metadata", InputError)
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise InputError(f"{where}: '{METADATA_KEY}' metadata lacks {', '.join(missing)}")

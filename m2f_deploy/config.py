@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from m2f_deploy.errors import ConfigError
+from m2f_deploy.utils import atomic_write_text, parse_json_object
 
 SUPPORTED_BACKBONES = ("swin",)
 SUPPORTED_ACTIVATIONS = ("relu", "gelu")
@@ -224,12 +225,7 @@ class Mask2FormerConfig:
             raise ConfigError(f"{path}: no such file") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        d = parse_json_object(text, str(path), ConfigError)
         try:
             return cls.from_dict(d)
         except ConfigError as e:
@@ -246,8 +242,6 @@ class Mask2FormerConfig:
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``folder/config.json`` atomically; returns its path."""
-        from m2f_deploy.utils import atomic_write_text
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(folder / "config.json", self.to_json_string())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -43,3 +45,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, progress: Callabl
             if progress:
                 progress(len(block))
     return h.hexdigest()
+
+
+def parse_json_object(text: str, where: str, error: type[Exception]) -> dict[str, Any]:
+    """``json.loads`` that must give an object; otherwise one ``error`` naming ``where``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected a JSON object")
+    return value
