@@ -180,15 +180,9 @@ def test_cli_bad_arguments_one_line_exit_1(tiny_dir, tmp_path, capsys, args, mes
 def test_cli_unwritable_folder_and_broken_checkpoint(tiny_dir, tmp_path, capsys):
     from m2f_deploy.cli.common import run
 
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not __import__("os").access(locked, __import__("os").W_OK):  # root ignores permissions
-            assert run("m2f-export", export_main, [str(tiny_dir), "-o", str(locked / "m.onnx")]) == 1
-            assert "is not writable" in capsys.readouterr().err
-    finally:
-        locked.chmod(0o700)
+    # /proc takes no new files, whatever the user (CI runs as root, which ignores permission bits)
+    assert run("m2f-export", export_main, [str(tiny_dir), "-o", "/proc/m.onnx"]) == 1
+    assert capsys.readouterr().err.strip().startswith("m2f-export: error: /proc/m.onnx: folder /proc is not writable")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps(tiny_config().to_dict()))

@@ -77,8 +77,12 @@ def check_output_path(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{path}: folder {parent} is not writable")
+    try:  # a real probe: permission bits say nothing for root or read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".m2f-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{path}: folder {parent} is not writable ({e.strerror})") from None
 
 
 def _dynamic_axes(dynamic_batch: bool, dynamic_hw: bool) -> dict[str, dict[int, str]]:
