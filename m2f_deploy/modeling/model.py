@@ -75,11 +75,12 @@ class Mask2Former(nn.Module):
         model = cls(config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if isinstance(model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model, NORMS):
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+            for m in model.modules():
+                if isinstance(m, NORMS):
+                    m.weight.fill_(1.0)
+                    m.bias.fill_(0.0)
         return model.eval()
 
     @property

@@ -48,6 +48,7 @@ from m2f_deploy.errors import InputError
 from m2f_deploy.processing.resize import (
     FLOAT32_MIN,
     CellGrid,
+    _leaders,
     Resample1D,
     bilinear,
     bilinear_cropped,
@@ -70,6 +71,8 @@ _TOL = 1e-4
 _BOUND_BUDGET = 0.1
 _WEAK_SHARE = 0.25
 _WEAK_WINDOWED = 8
+# Semantic: minor queries are first bounded over tiles of this many logits per side.
+_TILE = 8
 # Largest class-score product (multiply-adds) computed without BLAS.
 _EINSUM_MAX = 2e8
 
@@ -277,7 +280,7 @@ def _semantic_dense(probs: np.ndarray, masks: np.ndarray, size: _Size | None, gr
 
 def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid) -> np.ndarray:
     num_queries, num_classes = probs.shape
-    low, high = grid.window_range(masks)
+    low, high = grid.window_range(masks)  # [Q, h * w]
     peak = _sigmoid(high.max(axis=1))  # [Q]: no mask probability of a query exceeds this
     reach = probs * peak[:, None]  # [Q, C]: the most a query adds to a class score anywhere
     upper = reach.sum(axis=0)  # [C]: the most a class can score anywhere
@@ -290,33 +293,72 @@ def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, g
     minor, major = np.sort(weakest_first[:n_minor]), np.sort(weakest_first[n_minor:])
     weak = upper < _WEAK_SHARE * upper.max()
     strong = np.flatnonzero(~weak)
+    weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
+    near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
+    far_cap = upper[far].max(initial=FLOAT32_MIN)
 
-    sig_major = _sigmoid(grid.resize(masks[major])).reshape(len(major), -1)  # [M, P]
-    lower = _mix(probs[np.ix_(major, strong)], sig_major)  # [S, P]
+    # 1. Per logit window (every working-grid pixel reads one): bounds on the strong classes' scores from the
+    # window's extreme logits (major queries), or from those of a tile of windows (minor queries), and a cap
+    # on every weak class.
+    h, w = masks.shape[1:]
+    starts_r, starts_c = np.arange(0, h, _TILE), np.arange(0, w, _TILE)
+    tile_of = ((np.arange(h) // _TILE)[:, None] * starts_c.size + (np.arange(w) // _TILE)[None, :]).reshape(-1)
+
+    def tiled(values: np.ndarray, op: np.ufunc) -> np.ndarray:
+        maps = values.reshape(len(values), h, w)
+        th, tw = starts_r.size * _TILE, starts_c.size * _TILE
+        if (th, tw) != (h, w):
+            maps = np.pad(maps, ((0, 0), (0, th - h), (0, tw - w)), mode="edge")
+        maps = op.reduce(maps.reshape(len(values), starts_r.size, _TILE, tw), axis=2)
+        return op.reduce(maps.reshape(len(values), -1, starts_c.size, _TILE), axis=3).reshape(len(values), -1)
+
+    sig_low, sig_high = _sigmoid(low[major].copy()), _sigmoid(high[major].copy())  # [M, h * w]
+    low_w = _mix(probs[np.ix_(major, strong)], sig_low)  # [S, h * w]
+    high_w = _mix(probs[np.ix_(major, strong)], sig_high)
+    cap_w = _mix(probs[np.ix_(major, near)], sig_high) if near.size else None  # [N, h * w]
+    if n_minor:
+        tile_low, tile_high = _sigmoid(tiled(low[minor], np.minimum)), _sigmoid(tiled(high[minor], np.maximum))
+        low_w += _mix(probs[np.ix_(minor, strong)], tile_low)[:, tile_of]
+        high_w += _mix(probs[np.ix_(minor, strong)], tile_high)[:, tile_of]
+        if near.size:
+            cap_w += _mix(probs[np.ix_(minor, near)], tile_high)[:, tile_of]
+    cap_w = np.full(h * w, far_cap, np.float32) if cap_w is None else np.maximum(cap_w.max(axis=0), far_cap)
+    best, lead, rival = _leaders(low_w, high_w, cap_w)
+    tol = _TOL * max(1.0, float(upper.max()))
+    cells = _cells(size or WORKING_SIZE)
+    label = best[grid.window_of].reshape(WORKING_SIZE)
+    margin = (lead - rival)[grid.window_of].reshape(WORKING_SIZE)
+    lowest = cells.reduce(label, np.minimum)
+    sure = (lowest == cells.reduce(label, np.maximum)) & (cells.reduce(margin, np.minimum) > tol)
+    points = cells.corners(~sure)  # working-grid pixels that the undecided target pixels read
+
+    # 2. At those pixels: exact major queries, the minor ones bounded by their windows' extreme logits.
+    sig_major = _sigmoid(grid.sample(masks[major], points))  # [M, n]
+    lower = _mix(probs[np.ix_(major, strong)], sig_major)  # [S, n]
     upper_px = lower
-    if n_minor:  # the minor queries' mask probabilities lie within those of their windows' extremes
+    if n_minor:
+        windows, where = np.unique(grid.window_of[points], return_inverse=True)
         weights = probs[np.ix_(minor, strong)]
-        upper_px = lower + np.take(_mix(weights, _sigmoid(high[minor])), grid.window_of, axis=1)
-        lower += np.take(_mix(weights, _sigmoid(low[minor])), grid.window_of, axis=1)
-    cap = FLOAT32_MIN
-    if weak.any():  # no weak class scores more than its queries' window maxima allow (per window for the
-        # strongest few weak classes, anywhere for the rest)
-        weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
-        near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
-        cap = _mix(probs[:, near], _sigmoid(high.copy())).max(axis=0)
-        cap = np.take(np.maximum(cap, upper[far].max(initial=FLOAT32_MIN)), grid.window_of)
+        upper_px = lower + _mix(weights, _sigmoid(high[minor][:, windows]))[:, where]
+        lower += _mix(weights, _sigmoid(low[minor][:, windows]))[:, where]
+    if weak.any():
+        cap = np.maximum(cap_w[grid.window_of[points]], far_cap)
+    else:
+        cap = FLOAT32_MIN
 
-    def scores_at(points: np.ndarray, everything: bool) -> np.ndarray:
+    def scores_at(at: np.ndarray, everything: bool) -> np.ndarray:
+        local = np.searchsorted(points, at)
         if not n_minor and not everything:  # the bounds are the scores
-            return lower[:, points]
-        sig = np.empty((num_queries, points.size), np.float32)
-        sig[major] = sig_major[:, points]
+            return lower[:, local]
+        sig = np.empty((num_queries, at.size), np.float32)
+        sig[major] = sig_major[:, local]
         if n_minor:
-            sig[minor] = _sigmoid(grid.sample(masks[minor], points))
+            sig[minor] = _sigmoid(grid.sample(masks[minor], at))
         return _mix(probs if everything else probs[:, strong], sig)
 
-    tol = _TOL * max(1.0, float(upper.max()))
-    return _cells(size or WORKING_SIZE).certified_argmax(lower, upper_px, strong, cap, tol, scores_at)
+    return cells.certified_argmax(
+        lower, upper_px, strong, cap, tol, scores_at, decided=(sure, strong[lowest], points)
+    )
 
 
 def _mix(weights: np.ndarray, maps: np.ndarray) -> np.ndarray:

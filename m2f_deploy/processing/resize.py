@@ -261,6 +261,16 @@ class CellGrid:
         offset = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         return starts_r[owner] + offset // widths[owner], starts_c[owner] + offset % widths[owner]
 
+    def corners(self, cells: np.ndarray) -> np.ndarray:
+        """Flat source indices ``[n]`` (ascending, unique) of the corners of the selected cells (bool, all cells)."""
+        r_sel, c_sel = np.nonzero(cells)
+        # every tap a cell's target pixels read, weighted or not (the second tap may carry weight 0)
+        rows = np.stack([self._r.lo[r_sel], self.rows.index[self._r.start[r_sel], 1]])[:, None, :]
+        cols = np.stack([self._c.lo[c_sel], self.cols.index[self._c.start[c_sel], 1]])[None, :, :]
+        marked = np.zeros(self.src[0] * self.src[1], bool)
+        marked[(rows * self.src[1] + cols).reshape(-1)] = True
+        return np.flatnonzero(marked)
+
     def cells_reading(self, rows: np.ndarray, cols: np.ndarray) -> tuple[slice, slice]:
         """The (contiguous) ranges of row and column cells that read any of the source ``rows`` / ``cols``."""
         return self._r.reading(rows), self._c.reading(cols)
@@ -277,6 +287,7 @@ class CellGrid:
         cap: float | np.ndarray,
         tol: float,
         scores_at: Callable[[np.ndarray, bool], np.ndarray],
+        decided: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Argmax over channels of the resized scores, at every target pixel: ``[H, W]`` int64 channel ids.
 
@@ -292,16 +303,43 @@ class CellGrid:
            other channels. A leader ahead of everything by more than ``tol`` wins.
         3. The pixels left are resampled exactly over the tracked channels; where the best of them is not ahead
            of the resampled ``cap``, over all channels.
+
+        With ``decided`` = ``(sure, labels, points)``, step 1 was done by the caller: ``sure`` ``[n_row_cells,
+        n_col_cells]`` bool, ``labels`` the channel id of each sure cell, and ``lower``, ``upper`` (and an array
+        ``cap``) hold only the source pixels ``points`` ``[n]`` (ascending flat indices), which must include every
+        corner of the cells that are not sure; ``scores_at`` still receives flat source indices.
         """
-        best, lead, rival = _leaders(lower, upper, cap)
-        label, margin = best.reshape(self.src), (lead - rival).reshape(self.src)
-        lowest, highest = self.reduce(label, np.minimum), self.reduce(label, np.maximum)
-        sure = (lowest == highest) & (self.reduce(margin, np.minimum) > tol)
-        out = self.expand(np.where(sure, channels[lowest], -1).astype(np.int64))
+        column = None
+        if decided is None:
+            best, lead, rival = _leaders(lower, upper, cap)
+            label, margin = best.reshape(self.src), (lead - rival).reshape(self.src)
+            lowest, highest = self.reduce(label, np.minimum), self.reduce(label, np.maximum)
+            sure = (lowest == highest) & (self.reduce(margin, np.minimum) > tol)
+            out = self.expand(np.where(sure, channels[lowest], -1).astype(np.int64))
+        else:
+            sure, labels, points = decided
+            best, lead, rival = _leaders(lower, upper, cap)
+            column = np.full(self.src[0] * self.src[1], -1, np.int64)
+            column[points] = np.arange(points.size)
+            # step 1 again for the cells left, now with the bounds at their corners
+            r_sel, c_sel = np.nonzero(~sure)
+            rows = np.stack([self._r.lo[r_sel], self._r.hi[r_sel]])[:, None, :]
+            cols = np.stack([self._c.lo[c_sel], self._c.hi[c_sel]])[None, :, :]
+            at = column[(rows * self.src[1] + cols).reshape(4, -1)]  # [4, cells]
+            label, margin = best[at], (lead - rival)[at]
+            now = (label.min(axis=0) == label.max(axis=0)) & (margin.min(axis=0) > tol)
+            sure, labels = sure.copy(), np.array(labels, np.int64)
+            sure[r_sel[now], c_sel[now]] = True
+            labels[r_sel[now], c_sel[now]] = channels[label[0, now]]
+            out = self.expand(np.where(sure, labels, -1).astype(np.int64))
+            inner = scores_at
+            scores_at = lambda p, everything: inner(points[p], everything)  # noqa: E731
         ys, xs = self.pixels(~sure)
         for start in range(0, ys.size, _CHUNK):
             y, x = ys[start : start + _CHUNK], xs[start : start + _CHUNK]
             corners = self.rows.index[y][:, :, None] * self.src[1] + self.cols.index[x][:, None, :]
+            if column is not None:
+                corners = column[corners]
             weights = self.rows.weights[y][:, :, None] * self.cols.weights[x][:, None, :]
             corners, weights = corners.reshape(-1, 4), weights.reshape(-1, 4)  # [P, 4] source pixels of each
             leaders = best[corners]  # [P, 4]
