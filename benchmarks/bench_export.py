@@ -64,7 +64,7 @@ def main() -> None:
         hf = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval()
         with torch.inference_mode():
             rows.append(("transformers eager", "", "", median_time(lambda: hf(x), args.runs)))
-        del hf
+        hf = None  # free its memory before the exports
         t0 = time.perf_counter()
         model = load_model(folder)
         load_s = time.perf_counter() - t0
