@@ -28,7 +28,10 @@ How the work is cut without changing results:
 * Semantic: a working-grid value is a convex combination of a small window of logits, so the sigmoid of the
   window's smallest and largest logit bound a query's mask probability there. Queries that add little to any
   class anywhere ("minor") and classes that cannot come near the strongest ("weak") enter through such bounds
-  only; exact scores are computed at the few pixels where the bounds do not decide.
+  only; exact scores are computed at the few pixels where the bounds do not decide. With minor queries (a
+  trained model's outputs), the first decision is taken per logit window, from every query's window bounds
+  (minor queries: bounds over tiles of windows), and working-grid values of the major queries are computed only
+  at the pixels that the undecided target pixels read. Without (e.g. noise), the major queries are resized whole.
 
 Where we differ from HF: results are numpy arrays (HF: torch tensors; same dtypes); values agree with torch to
 float32 rounding, so a pixel whose two best scores tie to ~1e-7 may go either way; passing ``pixel_mask`` (from
@@ -197,8 +200,7 @@ class _WorkingGrid:
         """
         low, high = logits, logits
         for axis, span in ((1, self._row_span), (2, self._col_span)):
-            for shift in range(1, span):
-                low, high = _shifted(low, np.minimum, axis, shift), _shifted(high, np.maximum, axis, shift)
+            low, high = _spread(low, np.minimum, axis, span), _spread(high, np.maximum, axis, span)
         return low.reshape(len(logits), -1), high.reshape(len(logits), -1)
 
     def resize(self, logits: np.ndarray) -> np.ndarray:
@@ -217,15 +219,22 @@ def _window(taps: Resample1D) -> tuple[np.ndarray, int]:
     return first, int((last - first).max()) + 1
 
 
-def _shifted(values: np.ndarray, op: np.ufunc, axis: int, shift: int) -> np.ndarray:
-    """``op(values[i], values[min(i + shift, n - 1)])`` along ``axis``."""
-    out = values.copy()
-    head = [slice(None)] * values.ndim
-    tail = list(head)
-    head[axis], tail[axis] = slice(None, -shift), slice(shift, None)
-    op(out[tuple(head)], values[tuple(tail)], out=out[tuple(head)])
-    head[axis], tail[axis] = slice(-shift, None), slice(-1, None)  # the last ones read the last sample
-    op(out[tuple(head)], values[tuple(tail)], out=out[tuple(head)])
+def _spread(values: np.ndarray, op: np.ufunc, axis: int, span: int) -> np.ndarray:
+    """``op`` over ``values[i], ..., values[min(i + span - 1, n - 1)]`` along ``axis`` (a new array)."""
+    if span <= 1:
+        return values
+    n = values.shape[axis]
+    out = np.empty_like(values)
+    index = [slice(None)] * values.ndim
+
+    def at(part: slice) -> tuple:
+        index[axis] = part
+        return tuple(index)
+
+    op(values[at(slice(0, n - 1))], values[at(slice(1, n))], out=out[at(slice(0, n - 1))])
+    out[at(slice(n - 1, n))] = values[at(slice(n - 1, n))]
+    for shift in range(2, min(span, n)):
+        op(out[at(slice(0, n - shift))], values[at(slice(shift, n))], out=out[at(slice(0, n - shift))])
     return out
 
 
@@ -296,6 +305,9 @@ def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, g
     weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
     near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
     far_cap = upper[far].max(initial=FLOAT32_MIN)
+    tol = _TOL * max(1.0, float(upper.max()))
+    if not n_minor:  # every query matters somewhere (e.g. noise): window bounds decide little, go exact
+        return _semantic_labels_exact(probs, masks, size, grid, strong, near, far_cap, high, tol)
 
     # 1. Per logit window (every working-grid pixel reads one): bounds on the strong classes' scores from the
     # window's extreme logits (major queries), or from those of a tile of windows (minor queries), and a cap
@@ -312,7 +324,7 @@ def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, g
         maps = op.reduce(maps.reshape(len(values), starts_r.size, _TILE, tw), axis=2)
         return op.reduce(maps.reshape(len(values), -1, starts_c.size, _TILE), axis=3).reshape(len(values), -1)
 
-    sig_low, sig_high = _sigmoid(low[major].copy()), _sigmoid(high[major].copy())  # [M, h * w]
+    sig_low, sig_high = _sigmoid(low[major]), _sigmoid(high[major])  # [M, h * w]
     low_w = _mix(probs[np.ix_(major, strong)], sig_low)  # [S, h * w]
     high_w = _mix(probs[np.ix_(major, strong)], sig_high)
     cap_w = _mix(probs[np.ix_(major, near)], sig_high) if near.size else None  # [N, h * w]
@@ -324,7 +336,6 @@ def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, g
             cap_w += _mix(probs[np.ix_(minor, near)], tile_high)[:, tile_of]
     cap_w = np.full(h * w, far_cap, np.float32) if cap_w is None else np.maximum(cap_w.max(axis=0), far_cap)
     best, lead, rival = _leaders(low_w, high_w, cap_w)
-    tol = _TOL * max(1.0, float(upper.max()))
     cells = _cells(size or WORKING_SIZE)
     label = best[grid.window_of].reshape(WORKING_SIZE)
     margin = (lead - rival)[grid.window_of].reshape(WORKING_SIZE)
@@ -332,33 +343,60 @@ def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, g
     sure = (lowest == cells.reduce(label, np.maximum)) & (cells.reduce(margin, np.minimum) > tol)
     points = cells.corners(~sure)  # working-grid pixels that the undecided target pixels read
 
-    # 2. At those pixels: exact major queries, the minor ones bounded by their windows' extreme logits.
+    # 2. At those pixels: exact major queries, the minor ones bounded by their windows' extreme logits; the
+    # strongest weak classes are tracked there too, so that only the rest is capped (by a constant).
+    tracked = np.union1d(strong, near)
     sig_major = _sigmoid(grid.sample(masks[major], points))  # [M, n]
-    lower = _mix(probs[np.ix_(major, strong)], sig_major)  # [S, n]
-    upper_px = lower
-    if n_minor:
-        windows, where = np.unique(grid.window_of[points], return_inverse=True)
-        weights = probs[np.ix_(minor, strong)]
-        upper_px = lower + _mix(weights, _sigmoid(high[minor][:, windows]))[:, where]
-        lower += _mix(weights, _sigmoid(low[minor][:, windows]))[:, where]
-    if weak.any():
-        cap = np.maximum(cap_w[grid.window_of[points]], far_cap)
-    else:
-        cap = FLOAT32_MIN
+    lower = _mix(probs[np.ix_(major, tracked)], sig_major)  # [T, n]
+    windows, where = np.unique(grid.window_of[points], return_inverse=True)
+    weights = probs[np.ix_(minor, tracked)]
+    upper_px = lower + _mix(weights, _sigmoid(high[minor][:, windows]))[:, where]
+    lower += _mix(weights, _sigmoid(low[minor][:, windows]))[:, where]
+
+    known = {"at": np.empty(0, np.int64), "sig": np.empty((n_minor, 0), np.float32)}  # minor queries sampled
 
     def scores_at(at: np.ndarray, everything: bool) -> np.ndarray:
         local = np.searchsorted(points, at)
-        if not n_minor and not everything:  # the bounds are the scores
-            return lower[:, local]
         sig = np.empty((num_queries, at.size), np.float32)
         sig[major] = sig_major[:, local]
-        if n_minor:
+        seen = np.minimum(np.searchsorted(known["at"], at), max(known["at"].size - 1, 0))
+        if known["at"].size and (known["at"][seen] == at).all():
+            sig[minor] = known["sig"][:, seen]
+        else:
             sig[minor] = _sigmoid(grid.sample(masks[minor], at))
-        return _mix(probs if everything else probs[:, strong], sig)
+            known.update(at=at, sig=sig[minor])
+        return _mix(probs if everything else probs[:, tracked], sig)
 
     return cells.certified_argmax(
-        lower, upper_px, strong, cap, tol, scores_at, decided=(sure, strong[lowest], points)
+        lower, upper_px, tracked, far_cap, tol, scores_at, decided=(sure, strong[lowest], points)
     )
+
+
+def _semantic_labels_exact(
+    probs: np.ndarray,
+    masks: np.ndarray,
+    size: _Size | None,
+    grid: _WorkingGrid,
+    strong: np.ndarray,
+    near: np.ndarray,
+    far_cap: float,
+    high: np.ndarray,
+    tol: float,
+) -> np.ndarray:
+    """Semantic labels from exact strong-class scores on the whole working grid (no minor queries)."""
+    lower = _mix(probs[:, strong], _sigmoid(grid.resize(masks)).reshape(len(masks), -1))  # [S, P]
+    cap = FLOAT32_MIN
+    if near.size:  # no weak class scores more than its queries' window maxima allow (per window for the
+        # strongest few weak classes, anywhere for the rest)
+        cap = _mix(probs[:, near], _sigmoid(high.copy())).max(axis=0)
+        cap = np.take(np.maximum(cap, far_cap), grid.window_of)
+
+    def scores_at(points: np.ndarray, everything: bool) -> np.ndarray:
+        if not everything:
+            return lower[:, points]
+        return _mix(probs, _sigmoid(grid.sample(masks, points)))
+
+    return _cells(size or WORKING_SIZE).certified_argmax(lower, lower, strong, cap, tol, scores_at)
 
 
 def _mix(weights: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -519,5 +557,8 @@ def _panoptic_assignment(
         weighted, weighted, np.arange(num), FLOAT32_MIN, _TOL, lambda points, _: weighted[:, points]
     )
     owned = np.bincount(owner.reshape(-1), minlength=num)
-    reached = cells.count_at_least(sig, scores, mask_threshold, _TOL)
+    # a query that owns no pixel is no segment whatever it reaches: count only for the others
+    reached = np.zeros(num, np.int64)
+    owning = np.flatnonzero(owned > 0)
+    reached[owning] = cells.count_at_least(sig[owning], scores[owning], mask_threshold, _TOL)
     return owner, owned, reached

@@ -25,6 +25,8 @@ import numpy as np
 _CHUNK = 1 << 14
 # Elements per [K, P, 4] gather when bounding the channels that lead none of a pixel's corners.
 _EXCLUSION_BUDGET = 1 << 22
+# sample_maps gathers pixels' taps directly unless resampling their rows whole reads this many times fewer values.
+_DIRECT_SHARE = 0.25
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -132,10 +134,20 @@ def sample_maps(
     maps = np.asarray(maps, dtype=np.float32)
     needed, row_of = np.unique(ys, return_inverse=True)
     taps = rows.index.shape[1] * cols.index.shape[1]
-    if needed.size * maps.shape[2] > taps * ys.size:
-        picked = maps[:, rows.index[ys][:, :, None], cols.index[xs][:, None, :]]  # [N, P, T, U]
-        weights = rows.weights[ys][:, :, None] * cols.weights[xs][:, None, :]
-        return np.einsum("nptu,ptu->np", picked, weights, dtype=np.float32)
+    if needed.size * maps.shape[2] > _DIRECT_SHARE * taps * ys.size:  # gather each pixel's taps (flat takes)
+        flat = maps.reshape(len(maps), -1)
+        out = None
+        for t in range(rows.index.shape[1]):
+            base = rows.index[ys, t] * maps.shape[2]
+            line = np.take(flat, base + cols.index[xs, 0], axis=1)
+            line *= cols.weights[xs, 0]
+            for u in range(1, cols.index.shape[1]):
+                term = np.take(flat, base + cols.index[xs, u], axis=1)
+                term *= cols.weights[xs, u]
+                line += term
+            line *= rows.weights[ys, t]
+            out = line if out is None else np.add(out, line, out=out)
+        return out
     lines = _along(maps, Resample1D(rows.index[needed], rows.weights[needed], rows.n_in), axis=1)  # [N, R, w]
     flat = lines.reshape(len(lines), -1)
     base = row_of * lines.shape[2]
