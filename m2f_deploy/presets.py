@@ -10,6 +10,7 @@ from typing import Any
 
 from m2f_deploy.config import Mask2FormerConfig, SwinConfig
 from m2f_deploy.errors import ConfigError
+from m2f_deploy.utils import did_you_mean
 
 _COCO_PANOPTIC = {"num_labels": 133, "num_queries": 100}
 
@@ -36,11 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_config(name: str) -> Mask2FormerConfig:
     if name not in PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}")
     spec = PRESETS[name]
     return Mask2FormerConfig(
         backbone_config=SwinConfig(**spec["backbone"], drop_path_rate=0.3),

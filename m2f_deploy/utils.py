@@ -56,3 +56,11 @@ def parse_json_object(text: str, where: str, error: type[Exception]) -> dict[str
     if not isinstance(value, dict):
         raise error(f"{where}: expected a JSON object")
     return value
+
+
+def did_you_mean(value: str, choices, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -24,6 +24,7 @@ from torch import Tensor
 from m2f_deploy.errors import InputError
 from m2f_deploy.modeling.layers import size_tensor
 from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample, msda_implementation
+from m2f_deploy.utils import did_you_mean
 
 FLAVOURS = ("grid_sample", "gather", "trt_plugin")
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
@@ -157,15 +158,15 @@ def _plugin_op(opset: int) -> Iterator[dict]:
         lib._destroy()
 
 
+def check_flavour(name: str) -> None:
+    if name not in FLAVOURS:
+        raise InputError(f"unknown MSDA flavour {name!r}{did_you_mean(name, FLAVOURS)}; choose one of {', '.join(FLAVOURS)}")
+
+
 @contextmanager
 def flavour(name: str, opset: int) -> Iterator[dict]:
     """Swap the model's MSDA for ``name`` inside the block; yields the dynamo translation table."""
-    if name not in FLAVOURS:
-        import difflib
-
-        close = difflib.get_close_matches(name, FLAVOURS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown MSDA flavour {name!r}{hint}; choose one of {', '.join(FLAVOURS)}")
+    check_flavour(name)
     with ExitStack() as stack:
         table: dict = {}
         if name == "trt_plugin":

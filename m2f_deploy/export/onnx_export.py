@@ -26,6 +26,7 @@ from m2f_deploy.artifact import DEFAULT_PREPROCESSING, INPUT_NAME, METADATA_KEY,
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import msda as msda_flavours
 from m2f_deploy.modeling import Mask2Former
+from m2f_deploy.utils import did_you_mean
 
 log = logging.getLogger("m2f_deploy.export")
 
@@ -62,11 +63,9 @@ def check_export_args(height: int, width: int, batch: int, msda: str, exporter: 
             raise InputError(f"{name}={v}: must be a positive multiple of 32")
     if batch < 1:
         raise InputError(f"batch={batch}: must be at least 1")
-    if msda not in msda_flavours.FLAVOURS:
-        with msda_flavours.flavour(msda, opset):  # raises the "did you mean" error
-            pass
+    msda_flavours.check_flavour(msda)
     if exporter not in EXPORTERS:
-        raise InputError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        raise InputError(f"unknown exporter {exporter!r}{did_you_mean(exporter, EXPORTERS)}; choose one of {', '.join(EXPORTERS)}")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} is too old: GridSample needs opset {MIN_OPSET} or newer")
 
@@ -247,7 +246,7 @@ def export_onnx(
     path = Path(path)
     check_export_args(height, width, batch, msda, exporter, opset)
     if cleanup not in CLEANUPS:
-        raise InputError(f"unknown clean-up {cleanup!r}; choose one of {', '.join(CLEANUPS)}")
+        raise InputError(f"unknown clean-up {cleanup!r}{did_you_mean(cleanup, CLEANUPS)}; choose one of {', '.join(CLEANUPS)}")
     check_output_path(path)
     model = model.eval()
     config = model.config

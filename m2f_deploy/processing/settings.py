@@ -15,10 +15,11 @@ apply, and the canvas must be a multiple of ``size_divisor`` itself.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from m2f_deploy.utils import did_you_mean
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -100,11 +101,10 @@ def parse(
         elif key in _DROPPED:
             continue
         else:
-            match = difflib.get_close_matches(key, sorted(_FIELDS | _LEGACY), n=1, cutoff=0.75)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            hint = did_you_mean(key, sorted(_FIELDS | _LEGACY), cutoff=0.75)
             if strict:
                 raise error(f"unknown option {key!r}{hint}")
-            if match:
+            if hint:
                 warnings.warn(f"unknown preprocessor option {key!r}{hint}; kept as is", stacklevel=3)
             extra[key] = value
 
