@@ -13,12 +13,13 @@ import torch
 from factory import save_hf_checkpoint, tiny_config
 
 from m2f_deploy import load_model
-from m2f_deploy.artifact import METADATA_KEY, OUTPUT_NAMES, REQUIRED, parse_metadata
+from m2f_deploy.artifact import OUTPUT_NAMES, REQUIRED
 from m2f_deploy.cli.export import main as export_main
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import export_onnx, validate_onnx
 from m2f_deploy.export.plugin_standin import count_plugin_nodes
 from m2f_deploy.export.validate import ValidationError, session
+from m2f_deploy.export.validate import read_metadata as _metadata
 from m2f_deploy.modeling import Mask2Former
 from m2f_deploy.utils import sha256_file
 
@@ -33,11 +34,6 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return load_model(tiny_dir)
-
-
-def _metadata(path) -> dict:
-    graph = onnx.load(str(path), load_external_data=False)
-    return parse_metadata({p.key: p.value for p in graph.metadata_props}.get(METADATA_KEY), str(path))
 
 
 def _check_against_torch(model, path, msda, shape, atol=1e-4):

@@ -137,6 +137,12 @@ def _panoptic_matches(processor, ref: dict, out: dict, sizes) -> tuple[int, int]
     return matched, total
 
 
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checked ``m2f_deploy`` metadata of an ONNX file (weights are not loaded)."""
+    graph = onnx.load(str(path), load_external_data=False)
+    return parse_metadata({p.key: p.value for p in graph.metadata_props}.get(METADATA_KEY), str(path))
+
+
 def validate_onnx(
     model: Mask2Former,
     path: str | os.PathLike,
@@ -148,8 +154,7 @@ def validate_onnx(
     from m2f_deploy.processing import ImageProcessor
 
     path = Path(path)
-    graph = onnx.load(str(path), load_external_data=False)
-    meta = parse_metadata({p.key: p.value for p in graph.metadata_props}.get(METADATA_KEY), str(path))
+    meta = read_metadata(path)
     tol = {**DEFAULT_TOLERANCES[meta["precision"]], **(tolerances or {})}
     sess = session(path, meta["msda"])
     processor = ImageProcessor()
