@@ -6,6 +6,8 @@ dynamic axes, MSDA flavour, precision, outputs, and where it came from.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from m2f_deploy.errors import InputError
@@ -92,3 +94,146 @@ def parse_metadata(text: str | None, where: str) -> dict[str, Any]:
         )
     meta["id2label"] = {int(k): v for k, v in meta["id2label"].items()}
     return meta
+
+
+# -- reading the entry back without the onnx package ---------------------------------------------------------------
+# A deployment box has onnxruntime or TensorRT, not necessarily ``onnx``; and onnxruntime cannot open a graph whose
+# ops it lacks (the TensorRT plugin). So the entry is read straight from the protobuf: ModelProto field 7 is the
+# graph, field 14 the repeated metadata_props (StringStringEntryProto: key = field 1, value = field 2).
+_GRAPH_FIELD, _METADATA_FIELD = 7, 14
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(read: Any) -> int | None:
+    """A protobuf varint from ``read(1)``; None at a clean end of input."""
+    value, shift = 0, 0
+    while True:
+        byte = read(1)
+        if not byte:
+            if shift == 0:
+                return None
+            raise EOFError
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(data: bytes) -> dict[int, str]:
+    """The length-delimited fields 1 and 2 of a small message (a metadata entry)."""
+    import io
+
+    stream, out = io.BytesIO(data), {}
+    while (key := _varint(stream.read)) is not None:
+        field, wire = key >> 3, key & 7
+        if wire != _LENGTH:
+            raise ValueError("unexpected field type in a metadata entry")
+        out[field] = stream.read(_varint(stream.read) or 0).decode("utf-8")
+    return out
+
+
+def read_onnx_metadata_props(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of the ONNX file at ``path`` (the graph is skipped over, not read).
+
+    Raises :class:`InputError` naming the file when it is missing, not an ONNX model, or truncated.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    props: dict[str, str] = {}
+    has_graph = False
+    with f:
+        try:
+            while (key := _varint(f.read)) is not None:
+                field, wire = key >> 3, key & 7
+                if wire == _VARINT:
+                    _varint(f.read)
+                    continue
+                if wire in (_FIXED64, _FIXED32):
+                    step = 8 if wire == _FIXED64 else 4
+                elif wire == _LENGTH:
+                    step = _varint(f.read)
+                    if step is None:
+                        raise EOFError
+                else:
+                    raise ValueError(f"wire type {wire}")
+                if f.tell() + step > size:
+                    raise EOFError
+                if field == _METADATA_FIELD:
+                    entry = _fields(f.read(step))
+                    props[entry.get(1, "")] = entry.get(2, "")
+                else:
+                    has_graph |= field == _GRAPH_FIELD
+                    f.seek(step, os.SEEK_CUR)
+        except EOFError:
+            raise InputError(f"{path}: truncated ONNX file (it ends inside a field; re-export or re-copy it)") from None
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"{path}: not an ONNX model (cannot parse it as one)") from None
+    if not has_graph:
+        raise InputError(f"{path}: not an ONNX model (it holds no graph)")
+    return props
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``m2f_deploy`` metadata of the ONNX file at ``path`` (no onnx package, weights not read)."""
+    return parse_metadata(read_onnx_metadata_props(path).get(METADATA_KEY), str(path))
+
+
+# -- TensorRT engines: a plain serialized engine plus a sidecar JSON -----------------------------------------------
+ENGINE_SIDECAR_SUFFIX = ".json"  # model.engine -> model.engine.json
+
+
+def engine_sidecar_path(engine: str | os.PathLike) -> Path:
+    engine = Path(engine)
+    return engine.with_name(engine.name + ENGINE_SIDECAR_SUFFIX)
+
+
+def read_engine_metadata(engine: str | os.PathLike) -> dict[str, Any]:
+    """The checked metadata of a TensorRT engine, from its sidecar: the ONNX entry plus a ``tensorrt`` section."""
+    engine = Path(engine)
+    sidecar = engine_sidecar_path(engine)
+    if not engine.is_file():
+        raise InputError(f"{engine}: no such file")
+    try:
+        text = sidecar.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(
+            f"{engine}: its sidecar {sidecar.name} is missing (engines are built with m2f-export --engine, "
+            "which writes both)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{sidecar}: cannot read ({e})") from None
+    meta = parse_metadata(text, str(sidecar))
+    trt = meta.get("tensorrt")
+    if not isinstance(trt, dict) or not {"version", "gpu", "compute_capability", "profile"} <= trt.keys():
+        raise InputError(f"{sidecar}: no 'tensorrt' section with version, gpu, compute_capability and profile")
+    return meta
+
+
+def check_engine_compatible(
+    meta: dict[str, Any],
+    where: str,
+    *,
+    tensorrt_version: str,
+    gpu: str,
+    compute_capability: str,
+) -> None:
+    """An engine runs only on the TensorRT version and GPU architecture it was built for: say so before TensorRT does."""
+    built = meta["tensorrt"]
+    if built["version"] != tensorrt_version:
+        raise InputError(
+            f"{where}: built with TensorRT {built['version']}, this is TensorRT {tensorrt_version}; "
+            "rebuild the engine here (m2f-export MODEL.onnx --engine)"
+        )
+    if built["compute_capability"] != compute_capability:
+        raise InputError(
+            f"{where}: built for {built['gpu']} (compute capability {built['compute_capability']}), this GPU is "
+            f"{gpu} ({compute_capability}); rebuild the engine on this GPU (m2f-export MODEL.onnx --engine)"
+        )

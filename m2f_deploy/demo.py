@@ -1,4 +1,4 @@
-"""The README's demo: checkpoint -> validated ONNX -> onnxruntime on an image -> segments + latency.
+"""The README's demo: checkpoint -> validated ONNX -> the torch-free runtime on an image -> segments, overlays, latency.
 
     python -m m2f_deploy.demo [--out DIR]
 
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +38,6 @@ def demo_image(size: tuple[int, int] = (240, 320)) -> Image.Image:
     return image
 
 
-def palette(n: int) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    return rng.integers(40, 256, size=(n + 1, 3), dtype=np.uint8)
-
-
-def timed(fn, runs: int = 5):
-    times, out = [], None
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times) * 1000
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m m2f_deploy.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the checkpoint, graph and PNGs")
@@ -63,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(quiet=False)
 
-    import onnxruntime
-
-    from m2f_deploy import load_model
+    from m2f_deploy import load_model, viz
     from m2f_deploy.checkpoints import save_checkpoint
     from m2f_deploy.config import Mask2FormerConfig
     from m2f_deploy.export import export_onnx
     from m2f_deploy.modeling import Mask2Former
     from m2f_deploy.processing import ImageProcessor
+    from m2f_deploy.runtime import Segmenter
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -83,32 +66,38 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(out / "checkpoint")
     path = export_onnx(model, out / "model.onnx", height=CANVAS[0], width=CANVAS[1], processor=processor)
 
-    print("3. run it: onnxruntime CPU on a 320x240 image, numpy post-processing")
+    print("3. run it with the torch-free runtime (m2f_deploy.runtime.Segmenter) on a 320x240 image")
     image = demo_image()
     image.save(out / "image.png")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs, t_pre = timed(lambda: processor.preprocess(image))
-    feed = {"pixel_values": inputs["pixel_values"]}
-    names = [o.name for o in session.get_outputs()]
-    outputs, t_inf = timed(lambda: dict(zip(names, session.run(None, feed))))
-    target = [image.size[::-1]]
-    kw = dict(target_sizes=target, pixel_mask=inputs["pixel_mask"])
-    panoptic, t_pan = timed(lambda: processor.post_process_panoptic_segmentation(outputs, threshold=0.0, **kw)[0])
-    semantic, t_sem = timed(lambda: processor.post_process_semantic_segmentation(outputs, **kw)[0])
+    segmenter = Segmenter(path)
+    print(f"   backend: {segmenter.description}")
+    segmenter.predict(image, "panoptic")  # warm-up
+    panoptic, timings, runs = None, {}, 5
+    for _ in range(runs):
+        panoptic = segmenter.predict(image, "panoptic", threshold=0.0, timings=timings)[0]
+    semantic = segmenter.predict(image, "semantic")[0]
 
-    labels = model.config.id2label
-    print(f"\n   panoptic segments (threshold 0; random weights, so these mean nothing): {len(panoptic['segments_info'])}")
+    labels = segmenter.id2label
+    print(
+        f"\n   panoptic segments (threshold 0; random weights, so these mean nothing): {len(panoptic['segments_info'])}"
+    )
     print("   | id | label | score | area px |")
     print("   |---|---|---|---|")
     for seg in panoptic["segments_info"][:8]:
         area = int((panoptic["segmentation"] == seg["id"]).sum())
         print(f"   | {seg['id']} | {labels[seg['label_id']]} | {seg['score']:.3f} | {area} |")
-    colours = palette(len(labels))
-    Image.fromarray(colours[semantic]).save(out / "semantic.png")
-    print(f"\n   semantic map {semantic.shape[1]}x{semantic.shape[0]}, classes present: "
-          f"{sorted(labels[int(c)] for c in np.unique(semantic))} -> {out / 'semantic.png'}")
-    print(f"\n   latency (median of 5, ms): preprocess {t_pre:.1f} | inference {t_inf:.1f} | "
-          f"panoptic post-process {t_pan:.1f} | semantic post-process {t_sem:.1f}")
+    viz.draw_panoptic(image, panoptic, labels).save(out / "panoptic.png")
+    viz.draw_semantic(image, semantic, labels).save(out / "semantic.png")
+    print(
+        f"\n   semantic map {semantic.shape[1]}x{semantic.shape[0]}, classes present: "
+        f"{sorted(labels[int(c)] for c in np.unique(semantic))}"
+    )
+    print(f"   overlays: {out / 'panoptic.png'}, {out / 'semantic.png'}")
+    stages = " | ".join(f"{k} {1000 * v / runs:.1f}" for k, v in timings.items())
+    print(f"\n   latency (panoptic, mean of {runs}, ms): {stages}")
+    print(
+        f"\n   the same from the shell: m2f-predict {path} {out / 'image.png'} --task panoptic --out {out / 'predictions'}"
+    )
     return 0
 
 

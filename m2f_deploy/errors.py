@@ -17,3 +17,7 @@ class CheckpointError(M2FError):
 
 class InputError(M2FError, ValueError):
     """Bad images, arrays or arguments given to the processor or the runtime."""
+
+
+class BackendError(M2FError):
+    """A requested backend (onnxruntime provider, TensorRT, a GPU) is not installed here or cannot start."""

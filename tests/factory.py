@@ -39,3 +39,21 @@ def save_hf_checkpoint(config: Mask2FormerConfig, folder: Path, seed: int = 0, p
                 p.add_(torch.randn_like(p) * 0.02)
     hf.save_pretrained(folder)
     return Path(folder)
+
+
+def decisive_model(seed: int = 0, **overrides):
+    """Our random-weight tiny model, made to find segments: "no object" is unlikely and class scores are spread.
+
+    Random weights put most of each query's probability on "no object" and give mask logits near 0, so
+    post-processes find nothing and a comparison of results would compare empty lists.
+    """
+    from m2f_deploy.modeling import Mask2Former
+
+    model = Mask2Former.random(tiny_config(**overrides), seed=seed)
+    with torch.no_grad():
+        model.class_predictor.weight.mul_(8.0)
+        model.class_predictor.bias[-1] = -6.0
+        # mask logits of a few units rather than ~1e-3: masks with shapes, not sigmoid(0) everywhere
+        model.model.pixel_level_module.decoder.mask_projection.weight.mul_(100.0)
+        model.model.transformer_module.decoder.mask_predictor.mask_embedder[2][0].weight.mul_(100.0)
+    return model.eval()

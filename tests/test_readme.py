@@ -26,7 +26,7 @@ def test_demo_runs(tmp_path, capsys):
 
     assert main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "latency (median of 5, ms)" in out
-    for name in ("model.onnx", "image.png", "semantic.png", "checkpoint/config.json", "checkpoint/model.safetensors",
+    assert "latency (panoptic, mean of 5, ms)" in out
+    for name in ("model.onnx", "image.png", "semantic.png", "panoptic.png", "checkpoint/config.json", "checkpoint/model.safetensors",
                  "checkpoint/preprocessor_config.json"):
         assert (tmp_path / name).is_file(), name

@@ -39,3 +39,34 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102
         raise M2FError(message)
+
+
+class Progress:
+    """A one-line progress counter on stderr (``12/40 images``), redrawn in place on a terminal.
+
+    Off with ``quiet``; where stderr is not a terminal (logs, CI) it prints only at every tenth of the way.
+    """
+
+    def __init__(self, total: int, unit: str, *, quiet: bool = False, stream=None):
+        self.total, self.unit, self.done = total, unit, 0
+        self.stream = stream or sys.stderr
+        self.quiet = quiet or total == 0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_report = 0
+
+    def step(self, label: str = "", count: int = 1) -> None:
+        if count <= 0:
+            return
+        self.done += count
+        if self.quiet:
+            return
+        if self.tty:
+            self.stream.write(f"\r\033[K{self.done}/{self.total} {self.unit} {label}"[:200])
+            self.stream.flush()
+        elif self.done == self.total or self.done - self._last_report >= max(1, self.total // 10):
+            self._last_report = self.done
+            self.stream.write(f"{self.done}/{self.total} {self.unit}\n")
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            self.stream.write("\n")

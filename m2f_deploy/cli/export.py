@@ -1,4 +1,7 @@
-"""m2f-export: a checkpoint (or an architecture preset) -> a validated ONNX graph."""
+"""m2f-export: a checkpoint (or an architecture preset) -> a validated ONNX graph (-> a TensorRT engine).
+
+Given an ``.onnx`` file instead of a checkpoint, it builds the TensorRT engine from it (no PyTorch needed).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def build_parser() -> Parser:
         epilog="Example: m2f-export ./mask2former-swin-tiny-coco-panoptic --fp16 -o model.onnx",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("checkpoint", nargs="?", help="Hugging Face checkpoint folder or hub id")
+    src.add_argument("checkpoint", nargs="?",
+                     help="Hugging Face checkpoint folder or hub id; or an .onnx file from m2f-export to build an engine")
     src.add_argument("--preset", help=f"an architecture with RANDOM weights, for latency work: {', '.join(PRESETS)}")
     p.add_argument("-o", "--output", type=Path, help="output .onnx file (default: <checkpoint name>[-fp16].onnx)")
     p.add_argument("--size", type=int, nargs="+", default=[384], metavar=("H", "W"),
@@ -40,6 +44,19 @@ def build_parser() -> Parser:
                    help="max abs error allowed for an output, e.g. masks_queries_logits=0.1 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs and preset weights")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    trt = p.add_argument_group("TensorRT engine (needs TensorRT and a GPU)")
+    trt.add_argument("--engine", action="store_true",
+                     help="also build a TensorRT engine (<output>.engine + .engine.json); implied for an .onnx input")
+    trt.add_argument("--int8", action="store_true", help="INT8 engine from an explicitly quantized (QDQ) .onnx")
+    trt.add_argument("--shapes", nargs=3, metavar=("MIN", "OPT", "MAX"),
+                     help="optimization profile as BxCxHxW, e.g. 1x3x384x384 4x3x384x384 8x3x384x384 "
+                          "(default: dynamic batch 1..8; dynamic size half to twice the export size)")
+    trt.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit in GiB (default: TensorRT's)")
+    trt.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update this timing cache")
+    trt.add_argument("--plugin-lib", action="append", default=[], type=Path, metavar="SO",
+                     help="load a TensorRT plugin library (repeatable); the built-in MSDA plugin needs none")
+    trt.add_argument("--no-fp32-layers", action="store_true",
+                     help="let fp16/int8 engines run LayerNorm and the cross-attention softmax in reduced precision")
     return p
 
 
@@ -66,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (args.size * 2)[:2]
     tolerances = _tolerances(args.atol)
 
+    engine_args = dict(
+        fp16=args.fp16, int8=args.int8, shapes=args.shapes, workspace_gib=args.workspace,
+        timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
+    )  # fmt: skip
+    if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
+        return _engine_from_onnx(Path(args.checkpoint), args.output, engine_args)
+    if args.int8:
+        raise InputError("--int8 builds an engine from a quantized .onnx (give that file instead of a checkpoint)")
+    if args.engine:
+        from m2f_deploy.export.tensorrt import check_tensorrt
+
+        check_tensorrt()  # before the slow export
     from m2f_deploy.export import export_onnx
     from m2f_deploy.export.onnx_export import MIN_OPSET, check_export_args, check_output_path
 
@@ -93,6 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )  # fmt: skip
     print(output)
+    if args.engine:
+        from m2f_deploy.export.tensorrt import build_engine
+
+        print(build_engine(output, **engine_args))
+    return 0
+
+
+def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:
+    from m2f_deploy.artifact import read_onnx_metadata
+    from m2f_deploy.export.tensorrt import build_engine, check_tensorrt, profile_shapes
+
+    if output is not None and output.suffix != ".engine":
+        raise InputError(f"-o {output}: an engine built from {onnx_path.name} is written to a .engine file")
+    profile_shapes(read_onnx_metadata(onnx_path), engine_args["shapes"])  # bad input first, then the missing TensorRT
+    check_tensorrt()
+    print(build_engine(onnx_path, output, **engine_args))
     return 0
 
 

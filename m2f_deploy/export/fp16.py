@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import onnx
 
-OP_BLOCK_LIST = (
-    "LayerNormalization", "Softmax", "InstanceNormalization", "GroupNormalization",
-    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceLogSumExp",
-    "Pow", "Sqrt", "Exp", "Erf",
-)  # fmt: skip
-SCOPE_BLOCK_LIST = ("/sampler/", "/position_embedding/", "/position_embedder/")
+from m2f_deploy.export.precision import OP_BLOCK_LIST, SCOPE_BLOCK_LIST
 
 
 def _blocked_nodes(model: onnx.ModelProto) -> list[str]:

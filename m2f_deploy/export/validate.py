@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
-from m2f_deploy.artifact import METADATA_KEY, OUTPUT_NAMES, parse_metadata
+from m2f_deploy.artifact import OUTPUT_NAMES, read_onnx_metadata
 from m2f_deploy.errors import M2FError
 from m2f_deploy.modeling import Mask2Former
 
@@ -137,12 +136,6 @@ def _panoptic_matches(processor, ref: dict, out: dict, sizes) -> tuple[int, int]
     return matched, total
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The checked ``m2f_deploy`` metadata of an ONNX file (weights are not loaded)."""
-    graph = onnx.load(str(path), load_external_data=False)
-    return parse_metadata({p.key: p.value for p in graph.metadata_props}.get(METADATA_KEY), str(path))
-
-
 def validate_onnx(
     model: Mask2Former,
     path: str | os.PathLike,
@@ -154,7 +147,7 @@ def validate_onnx(
     from m2f_deploy.processing import ImageProcessor
 
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_onnx_metadata(path)
     tol = {**DEFAULT_TOLERANCES[meta["precision"]], **(tolerances or {})}
     sess = session(path, meta["msda"])
     processor = ImageProcessor()

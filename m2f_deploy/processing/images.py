@@ -84,16 +84,21 @@ def to_channels_first(array: np.ndarray, name: str, channels_last: bool | None, 
     return np.moveaxis(array, -1, 0) if channels_last else array
 
 
+def pil_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB mode, with white behind transparency (as HF's ``do_convert_rgb=True``)."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
 def to_rgb(image: Any, name: str, channels_last: bool | None) -> np.ndarray:
     """One image as a ``[3, H, W]`` array, dtype as given (bool becomes uint8)."""
     if isinstance(image, Image.Image):
         try:
-            if image.mode != "RGB":
-                if "A" in image.getbands() or image.info.get("transparency") is not None:
-                    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                    image = Image.alpha_composite(white, image.convert("RGBA"))
-                image = image.convert("RGB")
-            array = np.asarray(image)
+            array = np.asarray(pil_rgb(image))
         except (OSError, ValueError) as err:
             raise InputError(f"{name}: cannot read this Pillow image as RGB ({err})") from None
         array = np.moveaxis(array, -1, 0)

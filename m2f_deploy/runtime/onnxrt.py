@@ -1,0 +1,167 @@
+"""Run an ONNX artifact in onnxruntime: the CPU, CUDA or TensorRT execution provider.
+
+A provider that is asked for and cannot start is an error, never a silent fallback: onnxruntime itself falls back
+to CPU when a GPU provider fails to load (missing CUDA or TensorRT libraries), so the providers the session really
+got are checked after it is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m2f_deploy.artifact import INPUT_NAME
+from m2f_deploy.errors import BackendError, InputError
+
+log = logging.getLogger("m2f_deploy.runtime")
+
+PROVIDERS = {
+    "ort-tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+"""Backend name -> onnxruntime provider, fastest first (the order ``auto`` tries them in)."""
+
+
+def onnxruntime_module() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError(
+            "onnxruntime is not installed: pip install 'm2f-deploy[runtime]' (CPU) or onnxruntime-gpu (CUDA, TensorRT)"
+        ) from None
+    return onnxruntime
+
+
+def present() -> list[str]:
+    """The onnxruntime backends this install offers (whether their GPU libraries load is known only on use)."""
+    try:
+        available = onnxruntime_module().get_available_providers()
+    except BackendError:
+        return []
+    return [name for name, provider in PROVIDERS.items() if provider in available]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "m2f_deploy" / "ort-tensorrt"
+
+
+class OnnxRuntimeRunner:
+    """An onnxruntime session over one artifact. ``backend``: ``auto`` or a key of :data:`PROVIDERS`."""
+
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+        device_id: int = 0,
+    ):
+        ort = onnxruntime_module()
+        self.path = path
+        available = ort.get_available_providers()
+        plugin = meta["msda"] == "trt_plugin"
+        if backend == "auto":
+            candidates = [b for b in PROVIDERS if PROVIDERS[b] in available]
+            if plugin:  # only TensorRT has the plugin; on CPU a numpy stand-in can check such a graph
+                candidates = [b for b in candidates if b in ("ort-tensorrt", "cpu")]
+        else:
+            if PROVIDERS[backend] not in available:
+                have = ", ".join(present()) or "none"
+                hint = "pip install onnxruntime-gpu" if backend != "cpu" else "reinstall onnxruntime"
+                raise BackendError(
+                    f"backend {backend!r} needs onnxruntime's {PROVIDERS[backend]}, which this onnxruntime "
+                    f"({ort.__version__}) does not have (it has: {have}); {hint}"
+                )
+            if plugin and backend == "cuda":
+                raise BackendError(
+                    f"{path}: holds TensorRT's MSDA plugin (exported with --msda trt_plugin), which only TensorRT "
+                    "runs; use backend 'ort-tensorrt' or 'tensorrt', or export with --msda grid_sample"
+                )
+            candidates = [backend]
+        self.session, self.backend = None, None
+        failures = []
+        for name in candidates:
+            try:
+                self.session = self._session(ort, name, plugin, threads, device_id)
+            except BackendError as e:
+                if backend != "auto":
+                    raise
+                failures.append(str(e))
+                continue
+            self.backend = name
+            break
+        if self.session is None:
+            raise BackendError(f"{path}: no onnxruntime backend could run it:\n  " + "\n  ".join(failures))
+        self.description = f"onnxruntime {ort.__version__} {PROVIDERS[self.backend]}"
+        if plugin and self.backend == "cpu":
+            self.description += " (TensorRT MSDA plugin through the numpy stand-in: for checks, slow)"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != [INPUT_NAME]:
+            raise InputError(f"{path}: inputs are {inputs}, expected [{INPUT_NAME!r}]")
+
+    def _session(self, ort: Any, backend: str, plugin: bool, threads: int | None, device_id: int) -> Any:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: a provider that cannot start is reported by us
+        if threads:
+            options.intra_op_num_threads = threads
+        provider = PROVIDERS[backend]
+        provider_options: dict[str, Any] = {}
+        if backend == "cuda":
+            provider_options = {"device_id": device_id}
+        elif backend == "ort-tensorrt":
+            cache = _cache_dir()
+            cache.mkdir(parents=True, exist_ok=True)
+            provider_options = {
+                "device_id": device_id, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+            }  # fmt: skip
+        providers: list[Any] = [(provider, provider_options)]
+        if backend != "cpu":
+            providers.append("CPUExecutionProvider")  # for the few nodes a GPU provider may not take
+        try:
+            if plugin and backend == "cpu":
+                from m2f_deploy.export.plugin_standin import (
+                    standin_session,
+                )  # needs onnx, onnxruntime-extensions
+
+                session = standin_session(self.path, sess_options=options)
+            else:
+                session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except ImportError as e:
+            raise BackendError(
+                f"{self.path}: holds TensorRT's MSDA plugin; running it on CPU needs the stand-in "
+                f"(pip install 'm2f-deploy[standin]' onnx): {e}"
+            ) from None
+        except BackendError:
+            raise
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if backend != "cpu" and provider in message:
+                raise BackendError(f"{provider} could not start: {message}") from None
+            raise InputError(f"{self.path}: onnxruntime cannot load it: {message}") from None
+        if session.get_providers()[0] != provider:
+            raise BackendError(
+                f"{provider} is installed but could not start (missing CUDA/TensorRT libraries or no GPU); "
+                f"onnxruntime would fall back to {session.get_providers()[0]}"
+            )
+        return session
+
+    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            outputs = self.session.run(None, {INPUT_NAME: pixel_values})
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{self.path}: onnxruntime failed on input {pixel_values.shape}: {e}") from None
+        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
+
+    def close(self) -> None:
+        self.session = None

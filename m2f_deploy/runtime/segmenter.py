@@ -1,0 +1,229 @@
+"""``Segmenter``: an artifact (``.onnx`` or ``.engine``) and images in, segmentation results out, without PyTorch.
+
+Everything it needs comes from the artifact's metadata: the preprocessing, the labels, the input size and which
+axes are dynamic. A static-size artifact gets a fixed canvas (each image fitted into H x W keeping its aspect
+ratio, then padded; the post-processes crop the padding away before resizing to the image's own size); a
+dynamic-size one gets the checkpoint's own resizing, as transformers' processor does it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m2f_deploy.artifact import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    read_engine_metadata,
+    read_onnx_metadata,
+)
+from m2f_deploy.errors import InputError
+from m2f_deploy.processing import ImageProcessor
+from m2f_deploy.processing.images import flat_list
+from m2f_deploy.runtime import onnxrt
+from m2f_deploy.runtime.images import load_image
+from m2f_deploy.utils import did_you_mean
+
+log = logging.getLogger("m2f_deploy.runtime")
+
+BACKENDS = ("auto", "tensorrt", *onnxrt.PROVIDERS)
+"""``auto``; ``tensorrt`` (native TensorRT, ``.engine`` files); onnxruntime's ``ort-tensorrt``, ``cuda``, ``cpu``."""
+TASKS = ("semantic", "instance", "panoptic")
+
+
+def available_backends() -> list[str]:
+    """The backends installed here, fastest first (whether a GPU backend can start is known only on use)."""
+    out = []
+    try:
+        import tensorrt  # noqa: F401
+
+        out.append("tensorrt")
+    except ImportError:
+        pass
+    return out + onnxrt.present()
+
+
+class Segmenter:
+    """Run an exported Mask2Former.
+
+    ``artifact``: an ``.onnx`` file written by ``m2f-export``, or a TensorRT ``.engine`` with its sidecar JSON.
+    ``backend``: ``auto`` (the fastest present: native TensorRT for engines; for ONNX onnxruntime's TensorRT, CUDA,
+    then CPU provider; the one picked is in :attr:`backend` and logged) or one of :data:`BACKENDS`; a backend that
+    is asked for and cannot start raises :class:`~m2f_deploy.errors.BackendError`. ``threads``: onnxruntime's
+    intra-op threads (default: its own). ``batch_size``: images per run in :meth:`predict` (default: the
+    artifact's export batch; a static-batch artifact always runs its own batch, the last one padded).
+    """
+
+    def __init__(
+        self,
+        artifact: str | os.PathLike,
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+        device_id: int = 0,
+        batch_size: int | None = None,
+    ):
+        path = Path(artifact)
+        if backend not in BACKENDS:
+            raise InputError(
+                f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose one of {', '.join(BACKENDS)}"
+            )
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder; give the .onnx or .engine file m2f-export wrote")
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        if path.suffix == ".engine":
+            self.metadata = read_engine_metadata(path)
+            if backend not in ("auto", "tensorrt"):
+                raise InputError(f"{path}: a TensorRT engine runs on backend 'tensorrt' only, not {backend!r}")
+            from m2f_deploy.runtime.tensorrt import TensorRTRunner
+
+            self._runner = TensorRTRunner(path, self.metadata, device_id=device_id)
+            low, _, high = self._runner.profile
+            self._batch_range = (low[0], high[0])
+        else:
+            self.metadata = read_onnx_metadata(path)
+            if backend == "tensorrt":
+                raise InputError(
+                    f"{path}: backend 'tensorrt' runs TensorRT engines; build one with m2f-export {path.name} --engine, "
+                    "or run this file with backend 'ort-tensorrt'"
+                )
+            self._runner = onnxrt.OnnxRuntimeRunner(path, self.metadata, backend, threads=threads, device_id=device_id)
+            inp = self.metadata["input"]
+            self._batch_range = (1, 1 << 30) if inp["dynamic_batch"] else (inp["batch"], inp["batch"])
+        self.path = path
+        self.backend: str = self._runner.backend
+        self.id2label: dict[int, str] = self.metadata["id2label"]
+        inp = self.metadata["input"]
+        self.dynamic_hw: bool = inp["dynamic_hw"]
+        self.input_size: tuple[int, int] = (inp["height"], inp["width"])
+        self._hw_multiple = inp.get("hw_multiple", 32)
+        canvas = None if self.dynamic_hw else self.input_size
+        self.processor = ImageProcessor(**{**self.metadata["preprocessing"], "canvas": canvas})
+        default = batch_size or max(inp["batch"], self._batch_range[0])
+        low, high = self._batch_range
+        if not low <= default <= high and low != high:
+            raise InputError(f"batch_size={default} is outside what {path.name} runs ({low}..{high})")
+        self.batch_size = low if low == high else default
+        log.debug("%s: %s", path.name, self._runner.description)
+
+    @property
+    def description(self) -> str:
+        """What runs the artifact, e.g. ``onnxruntime 1.20.1 CPUExecutionProvider``."""
+        return self._runner.description
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runner.close()
+
+    # -- raw outputs -----------------------------------------------------------------------------------------------
+
+    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives)."""
+        x = np.asarray(pixel_values)
+        if x.dtype.kind != "f" or x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"{INPUT_NAME} must be a float [B, 3, H, W] array, got {x.dtype} {x.shape}")
+        h, w = x.shape[2:]
+        if self.dynamic_hw:
+            if h % self._hw_multiple or w % self._hw_multiple:
+                raise InputError(
+                    f"{INPUT_NAME} of size {h}x{w}: height and width must be multiples of {self._hw_multiple}"
+                )
+        elif (h, w) != self.input_size:
+            raise InputError(
+                f"{INPUT_NAME} of size {h}x{w}: {self.path.name} takes {self.input_size[0]}x{self.input_size[1]} only"
+            )
+        low, high = self._batch_range
+        if not low <= x.shape[0] <= high:
+            raise InputError(f"{INPUT_NAME} has batch {x.shape[0]}: {self.path.name} takes {low}..{high}")
+        return self._runner.infer(np.ascontiguousarray(x, dtype=np.float32))
+
+    # -- results ---------------------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        images: Any,
+        task: str = "panoptic",
+        *,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: Collection[int] | None = None,
+        return_coco_annotation: bool = False,
+        return_binary_maps: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> list[Any]:
+        """Results for ``images`` (an image file's path, a PIL image, an ``[H, W, 3]`` array, or a list of them).
+
+        The structures are the post-processes' (:class:`~m2f_deploy.processing.ImageProcessor`) at each image's own
+        size: semantic ``[H, W]`` int64 class ids; instance and panoptic ``{"segmentation", "segments_info"}``.
+        ``timings``, when given, accumulates seconds under ``preprocess``, ``inference`` and ``postprocess``.
+        """
+        if task not in TASKS:
+            raise InputError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of {', '.join(TASKS)}")
+        items = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in flat_list(images, "images", 3)]
+        clock = timings if timings is not None else {}
+        results: list[Any] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            with _timed(clock, "preprocess"):
+                inputs = self.processor.preprocess(chunk)
+                pixel_values, pixel_mask = self._fit_batch(inputs["pixel_values"], inputs["pixel_mask"])
+            with _timed(clock, "inference"):
+                outputs = self.infer(pixel_values)
+            outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
+            with _timed(clock, "postprocess"):
+                common = dict(
+                    target_sizes=inputs["original_sizes"],
+                    pixel_mask=pixel_mask[: len(chunk)],
+                )
+                if task == "semantic":
+                    results += self.processor.post_process_semantic_segmentation(outputs, **common)
+                elif task == "instance":
+                    results += self.processor.post_process_instance_segmentation(
+                        outputs, threshold, mask_threshold, overlap_mask_area_threshold,
+                        return_coco_annotation=return_coco_annotation, return_binary_maps=return_binary_maps,
+                        **common,
+                    )  # fmt: skip
+                else:
+                    results += self.processor.post_process_panoptic_segmentation(
+                        outputs,
+                        threshold,
+                        mask_threshold,
+                        overlap_mask_area_threshold,
+                        label_ids_to_fuse,
+                        **common,
+                    )
+        return results
+
+    def _fit_batch(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pad height and width to the graph's multiple (dynamic size) and the batch to a static batch."""
+        b, _, h, w = pixel_values.shape
+        m = self._hw_multiple
+        pad_h, pad_w = (-h % m, -w % m) if self.dynamic_hw else (0, 0)
+        pad_b = max(self._batch_range[0] - b, 0)
+        if pad_h or pad_w or pad_b:
+            pixel_values = np.pad(pixel_values, ((0, pad_b), (0, 0), (0, pad_h), (0, pad_w)))
+            pixel_mask = np.pad(pixel_mask, ((0, pad_b), (0, pad_h), (0, pad_w)))
+        return pixel_values, pixel_mask
+
+
+@contextmanager
+def _timed(clock: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[key] = clock.get(key, 0.0) + time.perf_counter() - start
