@@ -1,0 +1,102 @@
+"""m2f-bench: latency of an artifact, a checkpoint or a preset on every backend present."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from m2f_deploy.cli.common import Parser, run, setup_logging
+from m2f_deploy.errors import InputError
+
+log = logging.getLogger("m2f_deploy.cli")
+
+
+def build_parser() -> Parser:
+    from m2f_deploy.bench import ALL_BACKENDS, DEFAULT_BACKENDS
+    from m2f_deploy.presets import PRESETS
+
+    p = Parser(
+        prog="m2f-bench",
+        description="Benchmark Mask2Former latency on every backend present: a table, JSON and an optional plot.",
+        epilog="Example: m2f-bench --preset swin-tiny-coco-panoptic --size 384 --threads 2 --end-to-end --json r.json",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("target", nargs="?", help="an .onnx or .engine artifact, or a checkpoint folder (exported first)")
+    src.add_argument("--preset", help=f"an architecture with random weights: {', '.join(PRESETS)}")
+    p.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma-separated, from {', '.join(ALL_BACKENDS)} (default: all but torch-compile)",
+    )
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes of the model-only rows (default: 1)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=[384],
+        metavar=("H", "W"),
+        help="input size for checkpoint and preset targets (default: 384 384)",
+    )
+    p.add_argument("--runs", type=int, default=20, help="timed runs per row (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: theirs)")
+    p.add_argument("--fp16", action="store_true", help="also export and run an fp16 ONNX graph")
+    p.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="also time a 640x480 image to results (preprocess / inference / postprocess)",
+    )
+    p.add_argument(
+        "--task",
+        default="panoptic",
+        choices=("semantic", "instance", "panoptic"),
+        help="the end-to-end task (default: panoptic)",
+    )
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart here")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the table and errors")
+    return p  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    if len(args.size) > 2:
+        raise InputError(f"--size takes H [W], got {len(args.size)} numbers")
+    height, width = (args.size * 2)[:2]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    from m2f_deploy.bench import benchmark, format_table, plot
+    from m2f_deploy.utils import atomic_write_text
+
+    def progress(what: str) -> None:
+        if not args.quiet:
+            print(f"m2f-bench: {what} ...", file=sys.stderr, flush=True)
+
+    report = benchmark(
+        args.target, preset=args.preset, backends=backends, batches=args.batch, height=height, width=width,
+        runs=args.runs, warmup=args.warmup, threads=args.threads, fp16=args.fp16, end_to_end=args.end_to_end,
+        task=args.task, progress=progress,
+    )  # fmt: skip
+    m = report["machine"]
+    gflop = f"{report['gflop']:.3g} GFLOP/image, " if report["gflop"] else ""
+    print(f"{report['settings']['source']} at {report['settings']['height']}x{report['settings']['width']}: {gflop}"
+          f"matmul {report['matmul_gflops']:.0f} GFLOP/s; {m['cpu']}, {m['cores']} cores, "
+          f"threads {args.threads or 'default'}, {report['date']}\n")  # fmt: skip
+    print(format_table(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        log.info("wrote %s", args.json)
+    if args.plot:
+        log.info("wrote %s", plot(report, args.plot))
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("m2f-bench", main))
+
+
+if __name__ == "__main__":
+    entry()
