@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 from m2f_deploy.errors import ConfigError, InputError
 from m2f_deploy.processing import images as img
 from m2f_deploy.processing import postprocess, settings
+from m2f_deploy.utils import atomic_write_text
 
 CONFIG_NAME = "preprocessor_config.json"
 
@@ -84,16 +84,7 @@ class ImageProcessor:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / CONFIG_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        handle, temporary = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(text)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_text(target, text)
         return target
 
     # -- preprocessing -----------------------------------------------------------------------------------------
