@@ -17,6 +17,7 @@ import torch
 
 from m2f_deploy.artifact import OUTPUT_NAMES, read_onnx_metadata
 from m2f_deploy.errors import M2FError
+from m2f_deploy.evaluation import matched_segments
 from m2f_deploy.modeling import Mask2Former
 
 # Max abs error allowed per output, by precision ("" = any other output). Not 1e-5: the masked
@@ -117,25 +118,6 @@ def _cases(meta: dict) -> list[tuple[int, int, int, int]]:
     return cases
 
 
-def _panoptic_matches(processor, ref: dict, out: dict, sizes) -> tuple[int, int]:
-    """Segments of the reference with a segment of the same label and IoU >= 0.5 in the graph's."""
-    matched = total = 0
-    a = processor.post_process_panoptic_segmentation(ref, target_sizes=sizes)
-    b = processor.post_process_panoptic_segmentation(out, target_sizes=sizes)
-    for ra, rb in zip(a, b):
-        for sa in ra["segments_info"]:
-            total += 1
-            mask_a = ra["segmentation"] == sa["id"]
-            for sb in rb["segments_info"]:
-                if sb["label_id"] != sa["label_id"]:
-                    continue
-                mask_b = rb["segmentation"] == sb["id"]
-                if (mask_a & mask_b).sum() >= 0.5 * (mask_a | mask_b).sum():
-                    matched += 1
-                    break
-    return matched, total
-
-
 def validate_onnx(
     model: Mask2Former,
     path: str | os.PathLike,
@@ -176,5 +158,8 @@ def validate_onnx(
         sem_ref = processor.post_process_semantic_segmentation(expected, target_sizes=sizes)
         sem_got = processor.post_process_semantic_segmentation(got, target_sizes=sizes)
         case.semantic_agreement = float(np.mean([np.mean(a == b) for a, b in zip(sem_ref, sem_got)]))
-        case.panoptic_matched = _panoptic_matches(processor, expected, got, sizes)
+        case.panoptic_matched = matched_segments(
+            processor.post_process_panoptic_segmentation(expected, target_sizes=sizes),
+            processor.post_process_panoptic_segmentation(got, target_sizes=sizes),
+        )
     return report
