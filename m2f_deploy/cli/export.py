@@ -44,10 +44,18 @@ def build_parser() -> Parser:
                    help="max abs error allowed for an output, e.g. masks_queries_logits=0.1 (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs and preset weights")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    q = p.add_argument_group("INT8 (QDQ) quantization")
+    q.add_argument("--int8", action="store_true",
+                   help="with --calib: an INT8 QDQ graph (from a checkpoint or an fp32 .onnx); without: an INT8 "
+                        "TensorRT engine from an already quantized .onnx")
+    q.add_argument("--calib", type=Path, metavar="DIR", help="calibration images (a folder) for --int8")
+    q.add_argument("--calib-limit", type=int, default=None, metavar="N", help="use the first N calibration images")
+    q.add_argument("--calib-method", default="minmax", help="minmax (default), percentile or entropy")
+    q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
+                   help="the INT8 gate: least share of semantic pixels equal to fp32 on calibration images (0.95)")
     trt = p.add_argument_group("TensorRT engine (needs TensorRT and a GPU)")
     trt.add_argument("--engine", action="store_true",
                      help="also build a TensorRT engine (<output>.engine + .engine.json); implied for an .onnx input")
-    trt.add_argument("--int8", action="store_true", help="INT8 engine from an explicitly quantized (QDQ) .onnx")
     trt.add_argument("--shapes", nargs=3, metavar=("MIN", "OPT", "MAX"),
                      help="optimization profile as BxCxHxW, e.g. 1x3x384x384 4x3x384x384 8x3x384x384 "
                           "(default: dynamic batch 1..8; dynamic size half to twice the export size)")
@@ -87,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         fp16=args.fp16, int8=args.int8, shapes=args.shapes, workspace_gib=args.workspace,
         timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
     )  # fmt: skip
+    calibration = _calibration_images(args)
     if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
+        if calibration:
+            output = args.output or Path(str(args.checkpoint)[: -len(".onnx")] + "-int8.onnx")
+            _quantize(Path(args.checkpoint), output, calibration, args)
+            return _engine_from_onnx(output, None, engine_args) if args.engine else 0
         return _engine_from_onnx(Path(args.checkpoint), args.output, engine_args)
-    if args.int8:
-        raise InputError("--int8 builds an engine from a quantized .onnx (give that file instead of a checkpoint)")
+    if args.int8 and not calibration:
+        raise InputError("--int8 from a checkpoint needs calibration images: --calib DIR")
     if args.engine:
         from m2f_deploy.export.tensorrt import check_tensorrt
 
@@ -99,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     from m2f_deploy.export.onnx_export import MIN_OPSET, check_export_args, check_output_path
 
     name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
-    output = args.output or Path(f"{name}{'-fp16' if args.fp16 else ''}.onnx")
+    if args.int8 and args.fp16:
+        raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
+    output = args.output or Path(f"{name}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
     # check everything that is cheap before the (slow) model load
     check_export_args(height, width, args.batch, args.msda, args.exporter, args.opset or MIN_OPSET)
     check_output_path(output)
@@ -115,18 +130,46 @@ def main(argv: list[str] | None = None) -> int:
 
         log.info("loading %s ...", args.checkpoint)
         model = load_model(args.checkpoint)
+    fp32_output = output.with_name(f".{output.stem}-fp32.onnx") if calibration else output
     export_onnx(
-        model, output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
+        model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
         dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
         exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
         seed=args.seed,
     )  # fmt: skip
+    if calibration:
+        try:
+            _quantize(fp32_output, output, calibration, args)
+        finally:
+            fp32_output.unlink(missing_ok=True)
+            fp32_output.with_name(fp32_output.name + ".data").unlink(missing_ok=True)
     print(output)
     if args.engine:
         from m2f_deploy.export.tensorrt import build_engine
 
         print(build_engine(output, **engine_args))
     return 0
+
+
+def _calibration_images(args) -> list[Path]:
+    if args.calib is None:
+        return []
+    if not args.int8:
+        raise InputError("--calib is for --int8 (calibration images of the INT8 quantization)")
+    from m2f_deploy.runtime.images import find_images
+
+    images = find_images([args.calib])
+    return images[: args.calib_limit] if args.calib_limit else images
+
+
+def _quantize(fp32: Path, output: Path, images: list[Path], args) -> None:
+    from m2f_deploy.cli.common import Progress
+    from m2f_deploy.export.int8 import quantize_int8
+
+    progress = Progress(len(images), "calibration images", quiet=args.quiet)
+    quantize_int8(fp32, output, images, method=args.calib_method, min_agreement=args.min_agreement,
+                  progress=lambda done, total: progress.step())  # fmt: skip
+    progress.close()
 
 
 def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:

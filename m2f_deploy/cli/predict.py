@@ -15,7 +15,6 @@ from m2f_deploy.errors import InputError, M2FError
 
 log = logging.getLogger("m2f_deploy.cli")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif"}
 
 
 def build_parser() -> Parser:
@@ -55,27 +54,6 @@ def build_parser() -> Parser:
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return p  # fmt: skip
-
-
-def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders expanded to their image files (sorted). A missing input, or none, is an error."""
-    out: list[Path] = []
-    empty: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                empty.append(item)
-            out += found
-        elif item.exists():
-            out.append(item)
-        else:
-            raise InputError(f"{item}: no such file or folder")
-    if not out:
-        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
-    for item in empty:
-        log.warning("%s: no images in this folder", item)
-    return out
 
 
 def _fuse_ids(text: str, id2label: dict[int, str]) -> set[int]:
@@ -178,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"--batch must be at least 1, got {args.batch}")
     if not args.artifact.is_file():
         raise InputError(f"{args.artifact}: no such file")
+    from m2f_deploy.runtime.images import find_images
+
     images = find_images(args.inputs)
 
     from m2f_deploy.runtime import Segmenter

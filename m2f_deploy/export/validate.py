@@ -27,6 +27,8 @@ from m2f_deploy.modeling import Mask2Former
 DEFAULT_TOLERANCES = {
     "fp32": {"class_queries_logits": 2e-2, "masks_queries_logits": 5e-2},
     "fp16": {"class_queries_logits": 0.25, "masks_queries_logits": 1.0},
+    # int8 is gated by m2f_deploy.export.int8 on real images (semantic agreement), not by logits of noise inputs
+    "int8": {"class_queries_logits": float("inf"), "masks_queries_logits": float("inf")},
 }
 MIN_SEMANTIC_AGREEMENT = 0.99
 

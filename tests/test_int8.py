@@ -1,0 +1,62 @@
+"""INT8 QDQ export: calibration on images, the agreement gate, metadata, the runtime runs it; bad input."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import pytest
+from factory import decisive_model
+
+from m2f_deploy.artifact import read_onnx_metadata
+from m2f_deploy.checkpoints import save_checkpoint
+from m2f_deploy.cli.export import main as export_main
+from m2f_deploy.data import write_dataset
+from m2f_deploy.errors import InputError, M2FError
+from m2f_deploy.export import export_onnx
+from m2f_deploy.export.int8 import quantize_int8
+from m2f_deploy.runtime import Segmenter
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    write_dataset(root / "calib", 4, seed=2, size=(80, 100))
+    checkpoint = save_checkpoint(decisive_model(), root / "checkpoint")
+    return root, checkpoint, root / "calib" / "images"
+
+
+def test_int8_from_a_checkpoint(setup, tmp_path):
+    _, checkpoint, calib = setup
+    out = tmp_path / "model-int8.onnx"
+    assert export_main([str(checkpoint), "--size", "64", "96", "--int8", "--calib", str(calib), "-o", str(out), "-q",
+                        "--min-agreement", "0.5"]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8.onnx"]  # the fp32 intermediate is gone
+    meta = read_onnx_metadata(out)
+    assert meta["precision"] == "int8" and meta["exporter"]["int8"]["calibration_images"] == 4
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"] // 2
+    assert ops["Softmax"] > 0 and ops["LayerNormalization"] > 0  # kept in float
+    results = Segmenter(out, backend="cpu").predict(calib / "000000.png", "panoptic", threshold=0.3)
+    assert results[0]["segmentation"].shape == (80, 100)
+
+
+def test_gate_and_errors(setup, tmp_path):
+    root, checkpoint, calib = setup
+    fp32 = export_onnx(decisive_model(), tmp_path / "fp32.onnx", height=64, width=64)
+    images = sorted(calib.glob("*.png"))
+    with pytest.raises(M2FError, match="agrees with fp32 on only"):
+        quantize_int8(fp32, tmp_path / "q.onnx", images, min_agreement=1.01)
+    assert not (tmp_path / "q.onnx").exists()
+    fp16 = export_onnx(decisive_model(), tmp_path / "fp16.onnx", height=64, width=64, fp16=True)
+    with pytest.raises(InputError, match="starts from an fp32 graph"):
+        quantize_int8(fp16, tmp_path / "q.onnx", images)
+    with pytest.raises(InputError, match="needs calibration images: --calib DIR"):
+        export_main([str(checkpoint), "--int8"])
+    with pytest.raises(InputError, match="--calib is for --int8"):
+        export_main([str(checkpoint), "--calib", str(calib)])
+    with pytest.raises(InputError, match="--int8 and --fp16"):
+        export_main([str(checkpoint), "--int8", "--fp16", "--calib", str(calib)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        export_main([str(fp32), "--int8", "--calib", str(tmp_path / "empty")])
