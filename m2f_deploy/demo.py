@@ -1,29 +1,25 @@
-"""The README's demo: checkpoint -> validated ONNX -> the torch-free runtime on an image -> segments, overlays, latency.
+"""The README's demo: the shipped checkpoint -> validated ONNX -> the torch-free runtime on sample images.
 
     python -m m2f_deploy.demo [--out DIR]
 
-No pretrained weights can be downloaded on the machines this project is built on, so the demo
-writes a small Swin Mask2Former checkpoint with random weights: the pipeline is real, the
-segments are not meaningful.
+The checkpoint (``checkpoints/shapes-demo`` in the repository) is a 3.45M-parameter Swin Mask2Former trained on
+the synthetic shapes of ``m2f_deploy.data`` by ``tools/train_demo.py`` (no pretrained weights can be downloaded
+on the machines this project is built on). The demo exports it with the validation gate, runs ``m2f-predict``'s
+pipeline on the sample images (``checkpoints/samples``), prints the segments and the latency, and writes the
+overlays, panoptic PNGs and COCO JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
-CANVAS = (256, 256)
-DEMO_CONFIG = dict(
-    backbone_config=dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7),
-    feature_size=64, mask_feature_size=64, hidden_dim=64, encoder_feedforward_dim=128, encoder_layers=2,
-    decoder_layers=4, num_attention_heads=4, dim_feedforward=128, num_queries=20,
-    id2label={0: "sky", 1: "ground", 2: "circle", 3: "square", 4: "triangle"},
-)  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "shapes-demo"
+SAMPLES = REPO / "checkpoints" / "samples"
 
 
 def demo_image(size: tuple[int, int] = (240, 320)) -> Image.Image:
@@ -40,66 +36,62 @@ def demo_image(size: tuple[int, int] = (240, 320)) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m m2f_deploy.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the checkpoint, graph and PNGs")
+    ap.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the graph and the results")
+    ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="checkpoint folder (default: the shipped one)")
+    ap.add_argument("--images", type=Path, default=SAMPLES, help="images or a folder (default: the shipped samples)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     from m2f_deploy.cli.common import setup_logging
 
     setup_logging(quiet=False)
 
-    from m2f_deploy import load_model, viz
-    from m2f_deploy.checkpoints import save_checkpoint
-    from m2f_deploy.config import Mask2FormerConfig
+    from m2f_deploy import load_model
+    from m2f_deploy.cli.predict import main as predict
+    from m2f_deploy.errors import InputError
     from m2f_deploy.export import export_onnx
-    from m2f_deploy.modeling import Mask2Former
     from m2f_deploy.processing import ImageProcessor
-    from m2f_deploy.runtime import Segmenter
 
+    if not (args.checkpoint / "config.json").is_file():
+        raise InputError(
+            f"{args.checkpoint}: the demo checkpoint ships with the repository (checkpoints/), not the wheel"
+        )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    print(f"1. checkpoint: a small Swin Mask2Former with RANDOM weights -> {out / 'checkpoint'}")
-    processor = ImageProcessor(canvas=CANVAS)
-    save_checkpoint(Mask2Former.random(Mask2FormerConfig.from_dict(DEMO_CONFIG), seed=0), out / "checkpoint")
-    processor.save_pretrained(out / "checkpoint")
+    processor = ImageProcessor.from_pretrained(args.checkpoint)
+    size = processor.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+    print(f"1. checkpoint: {args.checkpoint} (a small Swin Mask2Former trained on synthetic shapes)")
+    model = load_model(args.checkpoint)
+    print(f"   classes: {', '.join(model.config.id2label.values())}")
 
-    print(f"2. export to ONNX with the validation gate -> {out / 'model.onnx'}")
-    model = load_model(out / "checkpoint")
-    path = export_onnx(model, out / "model.onnx", height=CANVAS[0], width=CANVAS[1], processor=processor)
+    print(f"2. export to ONNX ({height}x{width}, dynamic batch) with the validation gate -> {out / 'model.onnx'}")
+    path = export_onnx(model, out / "model.onnx", height=height, width=width)
 
-    print("3. run it with the torch-free runtime (m2f_deploy.runtime.Segmenter) on a 320x240 image")
-    image = demo_image()
-    image.save(out / "image.png")
+    print(f"3. m2f-predict {path} {args.images} --task panoptic --out {out / 'predictions'}")
+    code = predict([str(path), str(args.images), "--task", "panoptic", "--out", str(out / "predictions")])
+
+    from m2f_deploy.runtime import Segmenter
+    from m2f_deploy.runtime.images import find_images, load_image
+
+    first = find_images([args.images])[0]
     segmenter = Segmenter(path)
-    print(f"   backend: {segmenter.description}")
-    segmenter.predict(image, "panoptic")  # warm-up
-    panoptic, timings, runs = None, {}, 5
-    for _ in range(runs):
-        panoptic = segmenter.predict(image, "panoptic", threshold=0.0, timings=timings)[0]
-    semantic = segmenter.predict(image, "semantic")[0]
-
-    labels = segmenter.id2label
-    print(
-        f"\n   panoptic segments (threshold 0; random weights, so these mean nothing): {len(panoptic['segments_info'])}"
-    )
+    image = load_image(first)
+    result = segmenter.predict(image, "panoptic")[0]
+    print(f"\n   {first.name}: {len(result['segments_info'])} segments")
     print("   | id | label | score | area px |")
     print("   |---|---|---|---|")
-    for seg in panoptic["segments_info"][:8]:
-        area = int((panoptic["segmentation"] == seg["id"]).sum())
-        print(f"   | {seg['id']} | {labels[seg['label_id']]} | {seg['score']:.3f} | {area} |")
-    viz.draw_panoptic(image, panoptic, labels).save(out / "panoptic.png")
-    viz.draw_semantic(image, semantic, labels).save(out / "semantic.png")
-    print(
-        f"\n   semantic map {semantic.shape[1]}x{semantic.shape[0]}, classes present: "
-        f"{sorted(labels[int(c)] for c in np.unique(semantic))}"
-    )
-    print(f"   overlays: {out / 'panoptic.png'}, {out / 'semantic.png'}")
+    for seg in result["segments_info"]:
+        area = int((result["segmentation"] == seg["id"]).sum())
+        print(f"   | {seg['id']} | {segmenter.id2label[seg['label_id']]} | {seg['score']:.3f} | {area} |")
+    timings, runs = {}, 10
+    for _ in range(runs):
+        segmenter.predict(image, "panoptic", timings=timings)
     stages = " | ".join(f"{k} {1000 * v / runs:.1f}" for k, v in timings.items())
-    print(f"\n   latency (panoptic, mean of {runs}, ms): {stages}")
-    print(
-        f"\n   the same from the shell: m2f-predict {path} {out / 'image.png'} --task panoptic --out {out / 'predictions'}"
-    )
-    return 0
+    print(f"\n   latency of one image ({segmenter.description}; mean of {runs}, ms): {stages}")
+    print(f"   overlays: {out / 'predictions' / 'overlays'}")
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from m2f_deploy.cli.common import run
+
+    sys.exit(run("python -m m2f_deploy.demo", main))

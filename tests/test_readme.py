@@ -22,11 +22,13 @@ def test_readme_starts_with_demo_and_test_commands():
 
 
 def test_demo_runs(tmp_path, capsys):
-    from m2f_deploy.demo import main
+    """The demo on the shipped checkpoint and samples: export, m2f-predict, segments, latency."""
+    from m2f_deploy.demo import SAMPLES, main
 
     assert main(["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "latency (panoptic, mean of 5, ms)" in out
-    for name in ("model.onnx", "image.png", "semantic.png", "panoptic.png", "checkpoint/config.json", "checkpoint/model.safetensors",
-                 "checkpoint/preprocessor_config.json"):
-        assert (tmp_path / name).is_file(), name
+    assert "latency of one image" in out and "| id | label | score | area px |" in out
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "predictions" / "panoptic.json").is_file()
+    for sample in sorted(SAMPLES.glob("*.png")):
+        assert (tmp_path / "predictions" / "overlays" / sample.name).is_file()
+        assert (tmp_path / "predictions" / "panoptic" / sample.name).is_file()

@@ -7,8 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from m2f_deploy.cli.common import Parser, run, setup_logging
-from m2f_deploy.errors import InputError
+from m2f_deploy.cli.common import Parser, height_width, run, setup_logging
 
 log = logging.getLogger("m2f_deploy.cli")
 
@@ -63,9 +62,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    if len(args.size) > 2:
-        raise InputError(f"--size takes H [W], got {len(args.size)} numbers")
-    height, width = (args.size * 2)[:2]
+    height, width = height_width(args.size)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     from m2f_deploy.bench import benchmark, format_table, plot

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from m2f_deploy.errors import M2FError
+from m2f_deploy.errors import InputError, M2FError
 
 
 def setup_logging(quiet: bool) -> None:
@@ -39,6 +39,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102
         raise M2FError(message)
+
+
+def height_width(size: list[int]) -> tuple[int, int]:
+    """``--size H [W]`` -> (H, W); one number means a square."""
+    if not 1 <= len(size) <= 2:
+        raise InputError(f"--size takes H [W], got {len(size)} numbers")
+    return (size * 2)[0], (size * 2)[1]
 
 
 class Progress:

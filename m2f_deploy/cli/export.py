@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from m2f_deploy.cli.common import Parser, run, setup_logging
+from m2f_deploy.cli.common import Parser, height_width, run, setup_logging
 from m2f_deploy.errors import InputError
 
 log = logging.getLogger("m2f_deploy.cli")
@@ -86,9 +86,7 @@ def _tolerances(items: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    if len(args.size) > 2:
-        raise InputError(f"--size takes H [W], got {len(args.size)} numbers")
-    height, width = (args.size * 2)[:2]
+    height, width = height_width(args.size)
     tolerances = _tolerances(args.atol)
 
     engine_args = dict(
