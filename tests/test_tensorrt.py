@@ -113,7 +113,7 @@ def test_cli_checks_the_engine_request(tiny_onnx, tmp_path, capsys):
         export_main([str(tiny_onnx), "--shapes", "1x3x64x64", "1x3x64x96", "2x3x64x96"])
     with pytest.raises(InputError, match="written to a .engine file"):
         export_main([str(tiny_onnx), "-o", str(tmp_path / "x.onnx")])
-    with pytest.raises(InputError, match="--int8 builds an engine from a quantized .onnx"):
+    with pytest.raises(InputError, match="--int8 from a checkpoint needs calibration images"):
         export_main(["--preset", "swin-tiny-coco-panoptic", "--int8"])
 
 
