@@ -198,6 +198,39 @@ def test_pixel_mask_without_padding_changes_nothing():
             np.testing.assert_array_equal(a, b)
 
 
+# -- window bounds -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("logits_size", "region"), [((96, 128), None), ((13, 21), None), ((24, 32), ((70, 101), (96, 128)))]
+)
+def test_window_and_tile_bounds_hold_the_working_grid(logits_size, region):
+    from m2f_deploy.processing.postprocess import _working_grid
+
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0, 3, (3, *logits_size)).astype(np.float32)
+    grid = _working_grid(logits_size, region)
+    resized = grid.resize(logits).reshape(3, -1)
+    low, high = grid.window_range(logits)
+    tol = 1e-5
+    assert (low[:, grid.window_of] <= resized + tol).all() and (resized <= high[:, grid.window_of] + tol).all()
+    # the same bounds, computed at chosen windows only
+    windows = np.sort(rng.choice(low.shape[1], 40, replace=False))
+    for got, full in zip(grid.window_range_at(logits, np.array([2, 0]), windows), (low, high)):
+        np.testing.assert_array_equal(got, full[[2, 0]][:, windows])
+    # tiles of windows: the extremes of their windows' bounds
+    for tile in (1, 3, 8):
+        tile_low, tile_high = grid.tile_range(logits, tile)
+        tile_of = grid.tile_of(tile)
+        for k in range(3):
+            expected_low = np.full(tile_low[k].size, np.inf, np.float32)
+            expected_high = np.full(tile_high[k].size, -np.inf, np.float32)
+            np.minimum.at(expected_low, tile_of, low[k])
+            np.maximum.at(expected_high, tile_of, high[k])
+            np.testing.assert_array_equal(tile_low[k].reshape(-1), expected_low)
+            np.testing.assert_array_equal(tile_high[k].reshape(-1), expected_high)
+
+
 # -- inputs --------------------------------------------------------------------------------------------------------
 
 

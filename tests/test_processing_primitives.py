@@ -86,8 +86,12 @@ def test_certified_argmax_equals_dense_argmax(dst, kind):
     # exact bounds for channels 0..3 and 5; channel 4 is "untracked", capped by its true maximum
     tracked = np.array([0, 1, 2, 3, 5])
     labels = grid.certified_argmax(
-        flat[tracked], flat[tracked], tracked, flat[4], 1e-6, lambda points, everything: flat[:, points]
-        if everything else flat[tracked][:, points]
+        flat[tracked],
+        flat[tracked],
+        tracked,
+        flat[4],
+        1e-6,
+        lambda points, everything: flat[:, points] if everything else flat[tracked][:, points],
     )
     dense = _dense_argmax(scores, grid)
     assert labels.shape == dst
@@ -101,7 +105,11 @@ def test_certified_argmax_with_loose_bounds_still_exact():
     slack = rng.uniform(0, 0.3, flat.shape).astype(np.float32)
     grid = CellGrid((48, 48), (200, 150))
     labels = grid.certified_argmax(
-        flat - slack, flat + slack, np.arange(5), np.float32(np.finfo(np.float32).min), 1e-6,
+        flat - slack,
+        flat + slack,
+        np.arange(5),
+        np.float32(np.finfo(np.float32).min),
+        1e-6,
         lambda points, _: flat[:, points],
     )
     assert (labels == _dense_argmax(scores, grid)).mean() > 0.999
@@ -117,6 +125,58 @@ def test_count_at_least_equals_dense_count(dst):
     dense = (_torch_resize(sig, dst) * scale[:, None, None] >= 0.5).sum(axis=(1, 2))
     np.testing.assert_array_equal(counts, dense)
     assert counts.min() > 0 and counts.max() < dst[0] * dst[1]  # a real test: some in, some out
+
+
+@pytest.mark.parametrize("dst", [(480, 640), (100, 37)])
+def test_count_reaching_from_window_bounds_equals_dense_count(dst):
+    # bounds per logit window (as panoptic segmentation passes them), exact values sampled where they decide
+    from m2f_deploy.processing.postprocess import _sigmoid, _working_grid
+
+    rng = np.random.default_rng(7)
+    logits = resize_maps(rng.normal(0, 6, (3, 6, 8)).astype(np.float32), bilinear(6, 48), bilinear(8, 64))
+    grid, cells = _working_grid((48, 64), None), CellGrid((384, 384), dst)
+    low, high = grid.window_range(_sigmoid(logits.copy()))
+    sig = _sigmoid(grid.resize(logits))
+    dense = (_torch_resize(sig, dst) * 0.9 >= 0.5).sum(axis=(1, 2))
+    for k in range(3):
+        bounds = (low[k].reshape(48, 64) * np.float32(0.9), high[k].reshape(48, 64) * np.float32(0.9))
+
+        def values_at(points, k=k):
+            return _sigmoid(grid.sample(logits[k : k + 1], points))[0]
+
+        exact = cells.count_reaching(*bounds, 0.9, 0.5, 1e-5, values_at, via=grid.windows)
+        assert exact == (dense[k], dense[k])
+        lo, hi = cells.count_reaching(*bounds, 0.9, 0.5, 1e-5, values_at, via=grid.windows, settled=lambda *_: True)
+        assert lo <= dense[k] <= hi and lo < hi  # bounds only: they hold, and they are not exact here
+    assert 0 < dense.min() and dense.max() < dst[0] * dst[1]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_certified_argmax_from_decided_cells_equals_dense_argmax(exact):
+    rng = np.random.default_rng(8)
+    scores = resize_maps(rng.normal(0, 1, (4, 10, 10)).astype(np.float32), bilinear(10, 64), bilinear(10, 64))
+    flat = scores.reshape(4, -1)
+    grid = CellGrid((64, 64), (200, 150))
+    # step 1 done by the caller with the exact values: what certified_argmax must accept as `decided`
+    best = flat.argmax(axis=0).reshape(64, 64)
+    second = np.sort(flat, axis=0)[-2]
+    margin = (flat.max(axis=0) - second).reshape(64, 64)
+    lowest = grid.reduce(best, np.minimum)
+    sure = (lowest == grid.reduce(best, np.maximum)) & (grid.reduce(margin, np.minimum) > 1e-6)
+    points = grid.corners(~sure)
+    at = flat[:, points]
+    labels = grid.certified_argmax(
+        at,
+        at,
+        np.arange(4),
+        np.float32(np.finfo(np.float32).min),
+        1e-6,
+        lambda p, _: flat[:, p],
+        decided=(sure, lowest, points),
+        exact=exact,
+    )
+    assert 0 < (~sure).sum() < sure.size
+    assert (labels == _dense_argmax(scores, grid)).mean() > 0.999
 
 
 @pytest.mark.parametrize(("queries", "classes"), [(100, 133), (100, 20), (30, 8), (5, 1), (1, 64)])

@@ -25,13 +25,21 @@ How the work is cut without changing results:
 * Nothing is resized to the target size. A target pixel is a convex combination of a 2x2 cell of working-grid
   pixels, so argmax and threshold decisions are taken once per cell when the corners agree by a margin, and
   exact values are computed only for the target pixels of the other cells (see :class:`.resize.CellGrid`).
-* Semantic: a working-grid value is a convex combination of a small window of logits, so the sigmoid of the
-  window's smallest and largest logit bound a query's mask probability there. Queries that add little to any
-  class anywhere ("minor") and classes that cannot come near the strongest ("weak") enter through such bounds
-  only; exact scores are computed at the few pixels where the bounds do not decide. With minor queries (a
-  trained model's outputs), the first decision is taken per logit window, from every query's window bounds
-  (minor queries: bounds over tiles of windows), and working-grid values of the major queries are computed only
-  at the pixels that the undecided target pixels read. Without (e.g. noise), the major queries are resized whole.
+* Per logit window: a working-grid value is a convex combination of a small window of logits, so the sigmoid
+  of the window's smallest and largest logit bound a query's mask probability there (sigmoid is increasing:
+  the extremes of the logits' sigmoids are the same bounds). The first decisions of semantic and panoptic
+  segmentation are taken per window, a cell being decided when the windows that its corners read agree by a
+  margin; exact working-grid values are computed only at the pixels that the undecided cells read.
+* Semantic: queries that add little to any class anywhere ("minor") and classes that cannot come near the
+  strongest ("weak") enter through bounds only; per window, minor queries are bounded over tiles of windows
+  (taken from the logits directly), and at the pixels of undecided cells by their own windows, next to the
+  exact major queries. Exact scores of every query are computed only where those bounds do not decide.
+  Without minor queries (e.g. noise), the major queries are resized whole.
+* Panoptic: the weighted probabilities of the kept queries are bounded per window likewise. The segment test
+  needs, per query, the pixels it owns (exact, from the owner map) and the pixels where it reaches
+  ``mask_threshold``: the latter are bounded from the windows, then from the exact values at the corners of
+  the cells in doubt, and counted pixel by pixel only when the test still depends on them (the test can only
+  turn from true to false as the count grows).
 
 Where we differ from HF: results are numpy arrays (HF: torch tensors; same dtypes); values agree with torch to
 float32 rounding, so a pixel whose two best scores tie to ~1e-7 may go either way; passing ``pixel_mask`` (from
@@ -41,7 +49,8 @@ are, which stretches the padding into the result); NaN or infinite logits are re
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -51,8 +60,8 @@ from m2f_deploy.errors import InputError
 from m2f_deploy.processing.resize import (
     FLOAT32_MIN,
     CellGrid,
-    _leaders,
     Resample1D,
+    _leaders,
     bilinear,
     bilinear_cropped,
     nearest,
@@ -105,7 +114,7 @@ def read_outputs(outputs: Any) -> tuple[np.ndarray, np.ndarray]:
         if 0 in array.shape:
             raise InputError(f"{name} is empty: shape {array.shape}")
         array = array.astype(np.float32, copy=False)
-        if not np.isfinite(array).all():
+        if not (np.isfinite(array.min()) and np.isfinite(array.max())):  # min and max propagate NaN
             raise InputError(f"{name} contains NaN or infinite values")
         arrays.append(array)
     classes, masks = arrays
@@ -191,17 +200,58 @@ class _WorkingGrid:
         # first_row[i] .. first_row[i] + row_span - 1, likewise for columns.
         self._first_row, self._row_span = _window(self.rows)
         self._first_col, self._col_span = _window(self.cols)
+        self.logits_size = (h, w)
         self.window_of = (self._first_row[:, None] * w + self._first_col[None, :]).reshape(-1)  # [P]
+        self.windows = (self._first_row, self._first_col)  # CellGrid's ``via`` for per-window values [h, w]
 
-    def window_range(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Smallest and largest logit of every window, ``[K, h * w]`` each (index with ``window_of``).
+    def window_range(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Smallest and largest of ``values`` ``[K, h, w]`` in every window, ``[K, h * w]`` each (index with
+        ``window_of``).
 
-        A working-grid value lies between the two: it is a convex combination of its window.
+        A working-grid value lies between the smallest and largest logit of its window: it is a convex
+        combination of them. Given the logits' sigmoids, the two bound its sigmoid (sigmoid is increasing).
         """
-        low, high = logits, logits
-        for axis, span in ((1, self._row_span), (2, self._col_span)):
-            low, high = _spread(low, np.minimum, axis, span), _spread(high, np.maximum, axis, span)
-        return low.reshape(len(logits), -1), high.reshape(len(logits), -1)
+        return self.window_extreme(values, np.minimum), self.window_extreme(values, np.maximum)
+
+    def window_extreme(self, values: np.ndarray, op: np.ufunc) -> np.ndarray:
+        """``op`` (``np.minimum`` or ``np.maximum``) over every window of ``values`` ``[K, h, w]``: ``[K, h * w]``."""
+        out = _spread(_spread(values, op, 1, self._row_span), op, 2, self._col_span)
+        return out.reshape(len(values), -1)
+
+    def window_range_at(
+        self, values: np.ndarray, maps: np.ndarray, windows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`window_range` of ``values[maps]`` at the flat window indices ``windows`` only: ``[M, n]`` each."""
+        h, w = values.shape[1:]
+        rows, cols = np.divmod(windows, w)
+        flat = values.reshape(len(values), -1)
+        low = np.take(flat, windows, axis=1)  # all maps: np.take is much faster than np.ix_ indexing
+        high, taken = low.copy(), np.empty_like(low)
+        for dr in range(self._row_span):
+            for dc in range(1 if dr == 0 else 0, self._col_span):
+                at = np.minimum(rows + dr, h - 1) * w + np.minimum(cols + dc, w - 1)
+                np.take(flat, at, axis=1, out=taken, mode="clip")  # indices are in range: "clip" writes directly
+                np.minimum(low, taken, out=low)
+                np.maximum(high, taken, out=high)
+        return low[maps], high[maps]
+
+    def tile_of(self, tile: int) -> np.ndarray:
+        """The tile of every window ``[h * w]``, for tiles of ``tile`` x ``tile`` windows (row-major)."""
+        (h, w), cols = self.logits_size, -(-self.logits_size[1] // tile)
+        return ((np.arange(h) // tile)[:, None] * cols + (np.arange(w) // tile)[None, :]).reshape(-1)
+
+    def tile_range(self, values: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+        """Smallest and largest of ``values`` ``[K, h, w]`` over the windows of every tile (see :meth:`tile_of`):
+        ``[K, ceil(h / tile), ceil(w / tile)]`` each.
+
+        Computed from ``values`` directly (blocks of ``tile`` samples, extended by the window span), without the
+        per-window arrays: only the small results are allocated.
+        """
+        out = []
+        for op in (np.minimum, np.maximum):
+            rows = _block_reduce(values, op, 1, tile, self._row_span)
+            out.append(_block_reduce(rows, op, 2, tile, self._col_span))
+        return out[0], out[1]
 
     def resize(self, logits: np.ndarray) -> np.ndarray:
         """``[K, h, w]`` -> ``[K, 384, 384]``."""
@@ -220,22 +270,73 @@ def _window(taps: Resample1D) -> tuple[np.ndarray, int]:
 
 
 def _spread(values: np.ndarray, op: np.ufunc, axis: int, span: int) -> np.ndarray:
-    """``op`` over ``values[i], ..., values[min(i + span - 1, n - 1)]`` along ``axis`` (a new array)."""
+    """``op`` over ``values[i], ..., values[min(i + span - 1, n - 1)]`` along ``axis`` (a new array).
+
+    Neighbours along ``axis`` are ``step`` elements apart in the flat (C-order) array, so ``op`` runs over the
+    whole flat array shifted by ``step``: long contiguous loops, much faster than slices along the last axis.
+    The last ``span - 1`` samples along ``axis`` took values from beyond their end (the next row or map) and are
+    redone.
+    """
     if span <= 1:
         return values
     n = values.shape[axis]
-    out = np.empty_like(values)
-    index = [slice(None)] * values.ndim
-
-    def at(part: slice) -> tuple:
-        index[axis] = part
-        return tuple(index)
-
-    op(values[at(slice(0, n - 1))], values[at(slice(1, n))], out=out[at(slice(0, n - 1))])
-    out[at(slice(n - 1, n))] = values[at(slice(n - 1, n))]
+    step = int(np.prod(values.shape[axis + 1 :], dtype=np.int64))
+    flat = np.ascontiguousarray(values).reshape(-1)
+    out = np.empty(values.shape, values.dtype)
+    run = out.reshape(-1)
+    op(flat[:-step], flat[step:], out=run[:-step])
     for shift in range(2, min(span, n)):
-        op(out[at(slice(0, n - shift))], values[at(slice(shift, n))], out=out[at(slice(0, n - shift))])
+        op(run[: -shift * step], flat[shift * step :], out=run[: -shift * step])
+    index = [slice(None)] * values.ndim
+    for i in range(max(0, n - span + 1), n):
+        index[axis] = slice(i, n)
+        tail = op.reduce(values[tuple(index)], axis=axis, keepdims=True)
+        index[axis] = slice(i, i + 1)
+        out[tuple(index)] = tail
     return out
+
+
+def _block_reduce(values: np.ndarray, op: np.ufunc, axis: int, block: int, span: int) -> np.ndarray:
+    """``op`` along ``axis`` over samples ``[i * block, (i + 1) * block + span - 1)`` (clipped to the axis), for
+    every ``i < ceil(n / block)``: the extreme of ``block`` consecutive windows of ``span`` samples."""
+    n = values.shape[axis]
+    full, blocks = n // block, -(-n // block)
+
+    def along(part: slice) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (part,)
+
+    head = values[along(slice(0, full * block))].reshape(*values.shape[:axis], full, block, *values.shape[axis + 1 :])
+    inner = (slice(None),) * (axis + 1)
+    first = head[(*inner, 0)].copy()
+    for i in range(1, block):  # one op per offset in the block: long strided loops, faster than op.reduce
+        op(first, head[(*inner, i)], out=first)
+    parts = [first]
+    if blocks > full:
+        parts.append(op.reduce(values[along(slice(full * block, n))], axis=axis, keepdims=True))
+    out = np.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+    for extra in range(min(span - 1, n)):  # the first samples of the next block, read by the last windows
+        following = values[along(slice(block + extra, None, block))]
+        count = following.shape[axis]
+        op(out[along(slice(0, count))], following, out=out[along(slice(0, count))])
+    return out
+
+
+def _agreeing_cells(
+    cells: CellGrid, grid: _WorkingGrid, best: np.ndarray, margin: np.ndarray, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells whose four corners read windows with the same leader, ahead by more than ``tol`` in each: a convex
+    combination of values inside those windows keeps that leader. From the leader ``best`` and its ``margin``
+    per window ``[h * w]``; returns the cells ``[n_row_cells, n_col_cells]`` (bool) and their leader (-1 where
+    not decided)."""
+    key = np.where(margin > tol, best, -1)  # -1: no safe leader in this window
+    key = key.astype(np.int16 if key.max(initial=0) < np.iinfo(np.int16).max else np.int64).reshape(grid.logits_size)
+    lowest = cells.reduce(key, np.minimum, via=grid.windows)
+    return (lowest >= 0) & (lowest == cells.reduce(key, np.maximum, via=grid.windows)), lowest
+
+
+@lru_cache(maxsize=8)
+def _working_grid(logits_size: _Size, region: tuple[_Size, _Size] | None) -> _WorkingGrid:
+    return _WorkingGrid(logits_size, region)
 
 
 @lru_cache(maxsize=32)
@@ -252,7 +353,7 @@ def _per_image(
     sizes = _target_sizes(target_sizes, batch)
     regions = _valid_regions(pixel_mask, batch)
     for b in range(batch):
-        yield classes[b], masks[b], sizes[b], _WorkingGrid(masks.shape[2:], regions[b])
+        yield classes[b], masks[b], sizes[b], _working_grid(masks.shape[2:], regions[b])
 
 
 # -- semantic ------------------------------------------------------------------------------------------------------
@@ -288,115 +389,154 @@ def _semantic_dense(probs: np.ndarray, masks: np.ndarray, size: _Size | None, gr
 
 
 def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid) -> np.ndarray:
-    num_queries, num_classes = probs.shape
-    low, high = grid.window_range(masks)  # [Q, h * w]
-    peak = _sigmoid(high.max(axis=1))  # [Q]: no mask probability of a query exceeds this
-    reach = probs * peak[:, None]  # [Q, C]: the most a query adds to a class score anywhere
-    upper = reach.sum(axis=0)  # [C]: the most a class can score anywhere
-
-    # Minor queries: the longest run of the weakest whose summed reach stays within budget for every class,
-    # worth it only when it spares a good share of the queries. Weak classes: far below the strongest.
-    weakest_first = np.argsort(reach.sum(axis=1), kind="stable")
-    n_minor = int(np.searchsorted(np.cumsum(reach[weakest_first], axis=0).max(axis=1), _BOUND_BUDGET, "right"))
-    n_minor = 0 if n_minor < max(1, num_queries // 4) else min(n_minor, num_queries - 1)
-    minor, major = np.sort(weakest_first[:n_minor]), np.sort(weakest_first[n_minor:])
-    weak = upper < _WEAK_SHARE * upper.max()
-    strong = np.flatnonzero(~weak)
-    weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
-    near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
-    far_cap = upper[far].max(initial=FLOAT32_MIN)
-    tol = _TOL * max(1.0, float(upper.max()))
-    if not n_minor:  # every query matters somewhere (e.g. noise): window bounds decide little, go exact
-        return _semantic_labels_exact(probs, masks, size, grid, strong, near, far_cap, high, tol)
-
-    # 1. Per logit window (every working-grid pixel reads one): bounds on the strong classes' scores from the
-    # window's extreme logits (major queries), or from those of a tile of windows (minor queries), and a cap
-    # on every weak class.
-    h, w = masks.shape[1:]
-    starts_r, starts_c = np.arange(0, h, _TILE), np.arange(0, w, _TILE)
-    tile_of = ((np.arange(h) // _TILE)[:, None] * starts_c.size + (np.arange(w) // _TILE)[None, :]).reshape(-1)
-
-    def tiled(values: np.ndarray, op: np.ufunc) -> np.ndarray:
-        maps = values.reshape(len(values), h, w)
-        th, tw = starts_r.size * _TILE, starts_c.size * _TILE
-        if (th, tw) != (h, w):
-            maps = np.pad(maps, ((0, 0), (0, th - h), (0, tw - w)), mode="edge")
-        maps = op.reduce(maps.reshape(len(values), starts_r.size, _TILE, tw), axis=2)
-        return op.reduce(maps.reshape(len(values), -1, starts_c.size, _TILE), axis=3).reshape(len(values), -1)
-
-    sig_low, sig_high = _sigmoid(low[major]), _sigmoid(high[major])  # [M, h * w]
-    low_w = _mix(probs[np.ix_(major, strong)], sig_low)  # [S, h * w]
-    high_w = _mix(probs[np.ix_(major, strong)], sig_high)
-    cap_w = _mix(probs[np.ix_(major, near)], sig_high) if near.size else None  # [N, h * w]
-    if n_minor:
-        tile_low, tile_high = _sigmoid(tiled(low[minor], np.minimum)), _sigmoid(tiled(high[minor], np.maximum))
-        low_w += _mix(probs[np.ix_(minor, strong)], tile_low)[:, tile_of]
-        high_w += _mix(probs[np.ix_(minor, strong)], tile_high)[:, tile_of]
-        if near.size:
-            cap_w += _mix(probs[np.ix_(minor, near)], tile_high)[:, tile_of]
-    cap_w = np.full(h * w, far_cap, np.float32) if cap_w is None else np.maximum(cap_w.max(axis=0), far_cap)
-    best, lead, rival = _leaders(low_w, high_w, cap_w)
+    # [Q, h / _TILE, w / _TILE]: the extreme logits of each tile of windows, i.e. of the logits they read
+    tile_low, tile_high = grid.tile_range(masks, _TILE)
+    split = _SemanticSplit.of(probs, _sigmoid(tile_high.max(axis=(1, 2))))
+    if not split.minor.size:  # every query matters somewhere (e.g. noise): window bounds decide little, go exact
+        return _semantic_labels_exact(probs, masks, size, grid, split)
     cells = _cells(size or WORKING_SIZE)
-    label = best[grid.window_of].reshape(WORKING_SIZE)
-    margin = (lead - rival)[grid.window_of].reshape(WORKING_SIZE)
-    lowest = cells.reduce(label, np.minimum)
-    sure = (lowest == cells.reduce(label, np.maximum)) & (cells.reduce(margin, np.minimum) > tol)
-    points = cells.corners(~sure)  # working-grid pixels that the undecided target pixels read
+    tiles = (_sigmoid(tile_low[split.minor]), _sigmoid(tile_high[split.minor]))
+    decided = _semantic_per_window(probs, masks, grid, cells, split, tiles)
+    lower, upper = _semantic_at_points(probs, masks, grid, split, decided[2])
 
-    # 2. At those pixels: exact major queries, the minor ones bounded by their windows' extreme logits; the
-    # strongest weak classes are tracked there too, so that only the rest is capped (by a constant).
-    tracked = np.union1d(strong, near)
-    sig_major = _sigmoid(grid.sample(masks[major], points))  # [M, n]
-    lower = _mix(probs[np.ix_(major, tracked)], sig_major)  # [T, n]
-    windows, where = np.unique(grid.window_of[points], return_inverse=True)
-    weights = probs[np.ix_(minor, tracked)]
-    upper_px = lower + _mix(weights, _sigmoid(high[minor][:, windows]))[:, where]
-    lower += _mix(weights, _sigmoid(low[minor][:, windows]))[:, where]
-
-    known = {"at": np.empty(0, np.int64), "sig": np.empty((n_minor, 0), np.float32)}  # minor queries sampled
+    # 3. Exact scores where the bounds do not decide: every query sampled (kept for a second call on a subset).
+    known = {"at": np.empty(0, np.int64), "sig": np.empty((len(probs), 0), np.float32)}
 
     def scores_at(at: np.ndarray, everything: bool) -> np.ndarray:
-        local = np.searchsorted(points, at)
-        sig = np.empty((num_queries, at.size), np.float32)
-        sig[major] = sig_major[:, local]
         seen = np.minimum(np.searchsorted(known["at"], at), max(known["at"].size - 1, 0))
         if known["at"].size and (known["at"][seen] == at).all():
-            sig[minor] = known["sig"][:, seen]
+            sig = known["sig"][:, seen]
         else:
-            sig[minor] = _sigmoid(grid.sample(masks[minor], at))
-            known.update(at=at, sig=sig[minor])
-        return _mix(probs if everything else probs[:, tracked], sig)
+            sig = _sigmoid(grid.sample(masks, at))
+            known.update(at=at, sig=sig)
+        return _mix(probs if everything else probs[:, split.tracked], sig)
 
-    return cells.certified_argmax(
-        lower, upper_px, tracked, far_cap, tol, scores_at, decided=(sure, strong[lowest], points)
-    )
+    return cells.certified_argmax(lower, upper, split.tracked, split.far_cap, split.tol, scores_at, decided=decided)
+
+
+@dataclass(frozen=True)
+class _SemanticSplit:
+    """Which queries and classes semantic segmentation treats exactly, and which only through bounds.
+
+    ``major`` / ``minor``: query ids (minor: the longest run of the weakest queries whose summed reach stays
+    within ``_BOUND_BUDGET`` for every class, used only when it spares a good share of the queries).
+    ``strong``: classes that can come near the strongest; of the others (weak), ``near`` are tracked with
+    bounds per window, and the rest (far) never score above ``far_cap``. ``tracked``: strong and near, sorted.
+    ``tol``: the lead that decisions from bounds need, relative to the scale of the scores.
+    """
+
+    major: np.ndarray
+    minor: np.ndarray
+    strong: np.ndarray
+    near: np.ndarray
+    tracked: np.ndarray
+    far_cap: float
+    tol: float
+
+    @classmethod
+    def of(cls, probs: np.ndarray, peak: np.ndarray) -> _SemanticSplit:
+        """From class probabilities ``[Q, C]`` and an upper bound on each query's mask probability ``[Q]``."""
+        num_queries = len(probs)
+        reach = probs * peak[:, None]  # [Q, C]: the most a query adds to a class score anywhere
+        upper = reach.sum(axis=0)  # [C]: the most a class can score anywhere
+        weakest_first = np.argsort(reach.sum(axis=1), kind="stable")
+        n_minor = int(np.searchsorted(np.cumsum(reach[weakest_first], axis=0).max(axis=1), _BOUND_BUDGET, "right"))
+        n_minor = 0 if n_minor < max(1, num_queries // 4) else min(n_minor, num_queries - 1)
+        weak = upper < _WEAK_SHARE * upper.max()
+        strong = np.flatnonzero(~weak)
+        weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
+        near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
+        return cls(
+            major=np.sort(weakest_first[n_minor:]),
+            minor=np.sort(weakest_first[:n_minor]),
+            strong=strong,
+            near=near,
+            tracked=np.union1d(strong, near),
+            far_cap=float(upper[far].max(initial=FLOAT32_MIN)),
+            tol=_TOL * max(1.0, float(upper.max())),
+        )
+
+
+def _semantic_per_window(
+    probs: np.ndarray,
+    masks: np.ndarray,
+    grid: _WorkingGrid,
+    cells: CellGrid,
+    split: _SemanticSplit,
+    tiles: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 1, per logit window (every working-grid pixel reads one): bounds on the strong classes' scores from
+    the window's extreme logits (major queries), or from those of its tile of windows (minor queries: ``tiles``,
+    the sigmoids of their tiles' extreme logits ``[m, tile rows, tile cols]``), and a cap on every weak class.
+
+    Returns the cells decided ``[n_row_cells, n_col_cells]`` (bool): those whose corners read windows where one
+    strong class leads by more than ``tol``; their class ids; and the working-grid pixels ``[n]`` (ascending flat
+    indices) that the other cells read.
+    """
+    major, minor, strong, near = split.major, split.minor, split.strong, split.near
+    h, w = masks.shape[1:]
+    tile_of = grid.tile_of(_TILE)
+    tile_low, tile_high = (t.reshape(minor.size, -1) for t in tiles)  # [m, n_tiles]
+    sig_low, sig_high = grid.window_range(_sigmoid(masks[major]))  # [M, h * w]
+    low = _mix(probs[np.ix_(major, strong)], sig_low)  # [S, h * w]
+    low += _mix(probs[np.ix_(minor, strong)], tile_low)[:, tile_of]
+    high = _mix(probs[np.ix_(major, strong)], sig_high)
+    high += _mix(probs[np.ix_(minor, strong)], tile_high)[:, tile_of]
+    cap = np.full(h * w, split.far_cap, np.float32)
+    if near.size:
+        near_high = _mix(probs[np.ix_(major, near)], sig_high)  # [N, h * w]
+        near_high += _mix(probs[np.ix_(minor, near)], tile_high)[:, tile_of]
+        np.maximum(cap, near_high.max(axis=0), out=cap)
+    best, lead, rival = _leaders(low, high, cap)
+    sure, lowest = _agreeing_cells(cells, grid, best, lead - rival, split.tol)
+    return sure, strong[lowest], cells.corners(~sure)
+
+
+def _semantic_at_points(
+    probs: np.ndarray, masks: np.ndarray, grid: _WorkingGrid, split: _SemanticSplit, points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2, at working-grid pixels ``points`` ``[n]``: bounds ``[T, n]`` on the tracked classes' scores from
+    the exact major queries and the minor ones bounded by their windows' extreme logits (the strongest weak
+    classes are tracked here too, so that only the rest is capped, by a constant)."""
+    major, minor, tracked = split.major, split.minor, split.tracked
+    lower = _mix(probs[np.ix_(major, tracked)], _sigmoid(grid.sample(masks[major], points)))  # [T, n]
+    windows, where = _distinct(grid.window_of[points], masks.shape[1] * masks.shape[2])
+    minor_low, minor_high = grid.window_range_at(masks, minor, windows)  # [m, windows]: extreme logits
+    weights = probs[np.ix_(minor, tracked)]
+    upper = np.take(_mix(weights, _sigmoid(minor_high)), where, axis=1)
+    upper += lower
+    lower += np.take(_mix(weights, _sigmoid(minor_low)), where, axis=1)
+    return lower, upper
+
+
+def _distinct(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for integers in ``[0, bound)``, by marking instead of sorting."""
+    marked = np.zeros(bound, bool)
+    marked[values] = True
+    distinct = np.flatnonzero(marked)
+    position = np.zeros(bound, np.int64)
+    position[distinct] = np.arange(distinct.size)
+    return distinct, position[values]
 
 
 def _semantic_labels_exact(
-    probs: np.ndarray,
-    masks: np.ndarray,
-    size: _Size | None,
-    grid: _WorkingGrid,
-    strong: np.ndarray,
-    near: np.ndarray,
-    far_cap: float,
-    high: np.ndarray,
-    tol: float,
+    probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid, split: _SemanticSplit
 ) -> np.ndarray:
     """Semantic labels from exact strong-class scores on the whole working grid (no minor queries)."""
+    strong, near = split.strong, split.near
     lower = _mix(probs[:, strong], _sigmoid(grid.resize(masks)).reshape(len(masks), -1))  # [S, P]
     cap = FLOAT32_MIN
     if near.size:  # no weak class scores more than its queries' window maxima allow (per window for the
         # strongest few weak classes, anywhere for the rest)
-        cap = _mix(probs[:, near], _sigmoid(high.copy())).max(axis=0)
-        cap = np.take(np.maximum(cap, far_cap), grid.window_of)
+        cap = _mix(probs[:, near], _sigmoid(grid.window_extreme(masks, np.maximum))).max(axis=0)
+        cap = np.take(np.maximum(cap, split.far_cap), grid.window_of)
 
     def scores_at(points: np.ndarray, everything: bool) -> np.ndarray:
         if not everything:
             return lower[:, points]
         return _mix(probs, _sigmoid(grid.sample(masks, points)))
 
-    return _cells(size or WORKING_SIZE).certified_argmax(lower, lower, strong, cap, tol, scores_at)
+    return _cells(size or WORKING_SIZE).certified_argmax(lower, lower, strong, cap, split.tol, scores_at)
 
 
 def _mix(weights: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -434,9 +574,7 @@ def instance_segmentation(
         raise InputError("return_coco_annotation and return_binary_maps cannot both be True")
     results = []
     for classes, masks, size, grid in _per_image(outputs, target_sizes, pixel_mask):
-        segmentation, segments, instance_masks = _instance(
-            classes, masks, threshold, size, grid, return_binary_maps
-        )
+        segmentation, segments, instance_masks = _instance(classes, masks, threshold, size, grid, return_binary_maps)
         if return_coco_annotation:
             segmentation = segmentation_to_rle(segmentation)
         elif instance_masks:
@@ -520,18 +658,16 @@ def panoptic_segmentation(
         if keep.size == 0:
             results.append({"segmentation": np.full(size or WORKING_SIZE, -1, np.float32), "segments_info": []})
             continue
-        owner, owned, reached = _panoptic_assignment(
-            _sigmoid(grid.resize(masks[keep])), scores[keep], mask_threshold, size or WORKING_SIZE
+        is_segment = _overlap_test(overlap_mask_area_threshold)
+        owner, segment = _panoptic_assignment(
+            masks[keep], scores[keep], mask_threshold, is_segment, size or WORKING_SIZE, grid
         )
         ids = np.zeros(keep.size, np.int32)
         segments: list[dict[str, Any]] = []
         current, fused_ids = 0, {}
-        for k, query in enumerate(keep):
+        for k in np.flatnonzero(segment):
+            query = keep[k]
             label = int(labels[query])
-            if not (owned[k] > 0 and reached[k] > 0):
-                continue
-            if not float(np.float32(owned[k]) / np.float32(reached[k])) > overlap_mask_area_threshold:
-                continue
             current = fused_ids[label] if label in fused_ids else current + 1
             ids[k] = current
             was_fused = label in fuse
@@ -543,22 +679,86 @@ def panoptic_segmentation(
     return results
 
 
-def _panoptic_assignment(
-    sig: np.ndarray, scores: np.ndarray, mask_threshold: float, size: _Size
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Owner query of every target pixel ``[H, W]``, pixels owned ``[K]``, pixels reaching ``mask_threshold`` ``[K]``.
+def _overlap_test(overlap_mask_area_threshold: float) -> Callable[[int, int], bool]:
+    """HF's segment test on a query's pixel counts: it owns pixels, some reach ``mask_threshold``, and the owned
+    ones are more than ``overlap_mask_area_threshold`` of those (the ratio in float32, as torch divides).
 
-    ``sig``: ``[K, 384, 384]`` mask probabilities, ``scores``: ``[K]``.
+    For ``owned > 0`` the test can only turn from true to false as ``reached`` grows: float32 rounding and
+    division are monotone.
     """
-    num = len(sig)
-    weighted = (sig * scores[:, None, None]).reshape(num, -1)  # [K, P]
+
+    def is_segment(owned: int, reached: int) -> bool:
+        if not (owned > 0 and reached > 0):
+            return False
+        return float(np.float32(owned) / np.float32(reached)) > overlap_mask_area_threshold
+
+    return is_segment
+
+
+def _panoptic_assignment(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    mask_threshold: float,
+    is_segment: Callable[[int, int], bool],
+    size: _Size,
+    grid: _WorkingGrid,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Owner query of every target pixel ``[H, W]`` (int32), and which queries become segments ``[K]`` (bool).
+
+    ``masks``: ``[K, h, w]`` mask logits of the kept queries, ``scores``: ``[K]``. As in semantic segmentation,
+    the first decisions are taken per logit window: the sigmoid of a window's extreme logits, weighted by the
+    score, bounds the query's weighted probability at every working-grid pixel that reads the window. A cell
+    whose four corners read windows where the same query leads by more than ``_TOL`` belongs to that query
+    whole; exact weighted probabilities are computed only at the corners of the other cells (a query's mask
+    usually saturates away from its border, so those are few), which decide most of them the same way, and
+    they are resampled exactly at the target pixels of the cells left.
+    """
+    num, (h, w) = len(masks), masks.shape[1:]
     cells = _cells(size)
+    low, high = grid.window_range(_sigmoid(masks.copy()))  # [K, h * w]
+    low *= scores[:, None]
+    high *= scores[:, None]
+    best, lead, rival = _leaders(low, high, FLOAT32_MIN)
+    sure, lowest = _agreeing_cells(cells, grid, best, lead - rival, _TOL)
+    points = cells.corners(~sure)
+    weighted = _sigmoid(grid.sample(masks, points))  # [K, n], at the working-grid points
+    weighted *= scores[:, None]
     owner = cells.certified_argmax(
-        weighted, weighted, np.arange(num), FLOAT32_MIN, _TOL, lambda points, _: weighted[:, points]
+        weighted,
+        weighted,
+        np.arange(num, dtype=np.int32),
+        FLOAT32_MIN,
+        _TOL,
+        lambda at, _: weighted[:, np.searchsorted(points, at)],
+        decided=(sure, lowest, points),
+        exact=True,
     )
+
+    # HF's segment test needs how many pixels each query owns (exact, from the owner map) and how many reach
+    # mask_threshold: bounds from the windows often settle the test; otherwise the count is made exact.
     owned = np.bincount(owner.reshape(-1), minlength=num)
-    # a query that owns no pixel is no segment whatever it reaches: count only for the others
-    reached = np.zeros(num, np.int64)
+    segment = np.zeros(num, bool)
     owning = np.flatnonzero(owned > 0)
-    reached[owning] = cells.count_at_least(sig[owning], scores[owning], mask_threshold, _TOL)
-    return owner, owned, reached
+    bounds = cells.count_bounds(
+        low[owning].reshape(-1, h, w), high[owning].reshape(-1, h, w), mask_threshold, _TOL, grid.windows
+    )
+    for i, k in enumerate(owning):
+
+        def settled(lo: int, hi: int, k: int = k) -> bool:
+            return hi == 0 or (lo > 0 and is_segment(owned[k], lo) == is_segment(owned[k], hi))
+
+        if bounds is None or not settled(bounds[0][i], bounds[1][i]):  # pixel counts made exact where needed
+            reached = cells.count_reaching(
+                low[k].reshape(h, w),
+                high[k].reshape(h, w),
+                scores[k],
+                mask_threshold,
+                _TOL,
+                lambda at, k=k: _sigmoid(grid.sample(masks[k : k + 1], at))[0],
+                via=grid.windows,
+                settled=settled,
+            )
+        else:
+            reached = (int(bounds[0][i]), int(bounds[1][i]))
+        segment[k] = is_segment(int(owned[k]), reached[1])
+    return owner, segment

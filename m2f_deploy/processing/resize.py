@@ -15,9 +15,9 @@ then provably agrees too) and to compute exact values only for the target pixels
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
-from typing import Callable
 
 import numpy as np
 
@@ -27,6 +27,9 @@ _CHUNK = 1 << 14
 _EXCLUSION_BUDGET = 1 << 22
 # sample_maps gathers pixels' taps directly unless resampling their rows whole reads this many times fewer values.
 _DIRECT_SHARE = 0.25
+# Values per temporary when sample_maps gathers taps directly (a few hundred KiB: they stay in cache, and the
+# heap does not grow by whole arrays).
+_SAMPLE_CHUNK = 1 << 16
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -123,31 +126,40 @@ def _along(values: np.ndarray, taps: Resample1D, axis: int) -> np.ndarray:
     return out
 
 
-def sample_maps(
-    maps: np.ndarray, rows: Resample1D, cols: Resample1D, ys: np.ndarray, xs: np.ndarray
-) -> np.ndarray:
+def sample_maps(maps: np.ndarray, rows: Resample1D, cols: Resample1D, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Values of ``resize_maps(maps, rows, cols)`` at pixels ``(ys[p], xs[p])`` only: ``[N, P]`` float32.
 
     Either the rows that the pixels lie on are resampled whole (contiguous gathers) and then each pixel's
     columns, or, when the pixels are few for their rows, each pixel's taps are gathered directly.
     """
     maps = np.asarray(maps, dtype=np.float32)
-    needed, row_of = np.unique(ys, return_inverse=True)
+    rows_read = np.count_nonzero(np.bincount(ys, minlength=rows.n_out)) if ys.size else 0
     taps = rows.index.shape[1] * cols.index.shape[1]
-    if needed.size * maps.shape[2] > _DIRECT_SHARE * taps * ys.size:  # gather each pixel's taps (flat takes)
+    if rows_read * maps.shape[2] > _DIRECT_SHARE * taps * ys.size:  # gather each pixel's taps (flat takes)
         flat = maps.reshape(len(maps), -1)
-        out = None
-        for t in range(rows.index.shape[1]):
-            base = rows.index[ys, t] * maps.shape[2]
-            line = np.take(flat, base + cols.index[xs, 0], axis=1)
-            line *= cols.weights[xs, 0]
-            for u in range(1, cols.index.shape[1]):
-                term = np.take(flat, base + cols.index[xs, u], axis=1)
-                term *= cols.weights[xs, u]
-                line += term
-            line *= rows.weights[ys, t]
-            out = line if out is None else np.add(out, line, out=out)
+        # per tap, for every pixel: its flat offset (row part, column part) and weight (np.take: fast gathers)
+        row_at = [np.take(rows.index[:, t], ys) * maps.shape[2] for t in range(rows.index.shape[1])]
+        row_w = [np.take(rows.weights[:, t], ys) for t in range(rows.index.shape[1])]
+        col_at = [np.take(cols.index[:, u], xs) for u in range(cols.index.shape[1])]
+        col_w = [np.take(cols.weights[:, u], xs) for u in range(cols.index.shape[1])]
+        out = np.empty((len(maps), ys.size), np.float32)
+        step = max(256, _SAMPLE_CHUNK // max(1, len(maps)))
+        for start in range(0, ys.size, step):  # in chunks: small temporaries, reused
+            part = slice(start, start + step)
+            for t in range(len(row_at)):
+                line = np.take(flat, row_at[t][part] + col_at[0][part], axis=1)
+                line *= col_w[0][part]
+                for u in range(1, len(col_at)):
+                    term = np.take(flat, row_at[t][part] + col_at[u][part], axis=1)
+                    term *= col_w[u][part]
+                    line += term
+                line *= row_w[t][part]
+                if t == 0:
+                    out[:, part] = line
+                else:
+                    out[:, part] += line
         return out
+    needed, row_of = np.unique(ys, return_inverse=True)
     lines = _along(maps, Resample1D(rows.index[needed], rows.weights[needed], rows.n_in), axis=1)  # [N, R, w]
     flat = lines.reshape(len(lines), -1)
     base = row_of * lines.shape[2]
@@ -169,15 +181,17 @@ def _leaders(
     lead = lower[0].copy()
     rival = np.broadcast_to(np.asarray(cap, np.float32), lead.shape).copy()
     if upper is lower:  # one pass: the runner-up is the second highest
+        ahead, other = np.empty(lead.shape, bool), np.empty_like(lead)
         for k in range(1, lower.shape[0]):
-            ahead = lower[k] > lead
-            best[ahead] = k
-            np.maximum(rival, np.where(ahead, lead, lower[k]), out=rival)
+            np.greater(lower[k], lead, out=ahead)
+            np.copyto(best, k, where=ahead)
+            np.maximum(rival, np.minimum(lead, lower[k], out=other), out=rival)  # the lesser is a runner-up
             np.maximum(lead, lower[k], out=lead)
         return best, lead, rival
+    ahead = np.empty(lead.shape, bool)
     for k in range(1, lower.shape[0]):
-        ahead = lower[k] > lead
-        best[ahead] = k
+        np.greater(lower[k], lead, out=ahead)
+        np.copyto(best, k, where=ahead)
         np.maximum(lead, lower[k], out=lead)
     for k in range(upper.shape[0]):
         np.maximum(rival, np.where(best == k, FLOAT32_MIN, upper[k]), out=rival)
@@ -189,8 +203,24 @@ def _resampled_leader(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Leading channel and its score ``[P]`` once scores are resampled from ``corners`` with ``weights`` ``[P, 4]``."""
     points, where = np.unique(corners, return_inverse=True)
-    scores = scores_at(points)[:, where.reshape(-1, 4)]  # [C, P, 4]
-    resampled = np.einsum("pc,kpc->kp", weights, scores, dtype=np.float32)
+    return _corner_leader(scores_at(points), where.reshape(-1, 4), weights)
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D bool array (through the flat indices: several times faster)."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _corner_leader(scores: np.ndarray, corners: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leading channel and its score ``[P]`` at pixels whose corners are the columns ``corners`` ``[P, 4]`` of
+    ``scores`` ``[C, n]``, resampled with ``weights`` ``[P, 4]``."""
+    corners, weights = corners.T.copy(), weights.T.copy()  # one contiguous row per corner
+    resampled = np.take(scores, corners[0], axis=1)
+    resampled *= weights[0]
+    for c in range(1, len(corners)):
+        term = np.take(scores, corners[c], axis=1)
+        term *= weights[c]
+        resampled += term
     best, lead, _ = _leaders(resampled, resampled, FLOAT32_MIN)
     return best, lead
 
@@ -201,7 +231,8 @@ class _AxisCells:
 
     ``cell_of``: ``[n_out]`` cell of each target sample; ``lo``/``hi``: ``[n_cells]`` its two source samples (equal
     when no target sample of the cell gives the second one any weight); ``start``/``count``: ``[n_cells]`` the
-    contiguous run of target samples in the cell.
+    contiguous run of target samples in the cell; ``second``: ``[n_cells]`` the second source sample they read,
+    weighted or not.
     """
 
     cell_of: np.ndarray
@@ -209,6 +240,21 @@ class _AxisCells:
     hi: np.ndarray
     start: np.ndarray
     count: np.ndarray
+    second: np.ndarray
+
+    def through(self, index_map: np.ndarray) -> _AxisCells:
+        """The same cells with their source samples mapped through ``index_map`` (non-decreasing)."""
+        return replace(self, lo=index_map[self.lo], hi=index_map[self.hi], second=index_map[self.second])
+
+    def adjacent_counts(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Target samples per source sample ``a`` ``[n]`` each: in cells reading ``a`` only, and in cells reading
+        ``a`` and ``a + 1``; None if some cell reads two samples further apart."""
+        gap = self.hi - self.lo
+        if gap.size and (gap.min() < 0 or gap.max() > 1):
+            return None
+        single = np.bincount(self.lo[gap == 0], weights=self.count[gap == 0], minlength=n)
+        pair = np.bincount(self.lo[gap == 1], weights=self.count[gap == 1], minlength=n)
+        return single.astype(np.float32), pair.astype(np.float32)
 
     def reading(self, samples: np.ndarray) -> slice:
         """The range of cells with a corner among ``samples`` (sorted source indices)."""
@@ -222,7 +268,7 @@ class _AxisCells:
         lo, start, cell_of, count = np.unique(i0, return_index=True, return_inverse=True, return_counts=True)
         reads_second = np.bincount(cell_of, weights=taps.weights[:, 1] > 0, minlength=lo.size) > 0
         hi = np.where(reads_second, i1[start], lo)
-        return cls(cell_of, lo, hi, start, count)
+        return cls(cell_of, lo, hi, start, count, i1[start])
 
 
 class CellGrid:
@@ -230,6 +276,10 @@ class CellGrid:
 
     Cells are indexed ``[n_row_cells, n_col_cells]``; upsampling has at most ``h * w`` of them, downsampling
     one per target pixel.
+
+    Methods taking ``via = (row_of, col_of)`` read their values from a coarser grid instead, whose row ``row_of[i]``
+    and column ``col_of[j]`` stand for source pixel ``(i, j)`` (both non-decreasing): e.g. bounds per logit window,
+    where ``row_of`` is the window each source row reads. A cell then combines the coarse pixels of its corners.
     """
 
     def __init__(self, src: tuple[int, int], dst: tuple[int, int]):
@@ -239,21 +289,41 @@ class CellGrid:
         self.cols = bilinear(self.src[1], self.dst[1])
         self._r = _AxisCells.of(self.rows)
         self._c = _AxisCells.of(self.cols)
+        self._through: dict[int, tuple] = {}  # mapped axes per ``via`` (see reduce)
 
     def reduce(
-        self, values: np.ndarray, op: np.ufunc, rows: slice = slice(None), cols: slice = slice(None)
+        self,
+        values: np.ndarray,
+        op: np.ufunc,
+        rows: slice = slice(None),
+        cols: slice = slice(None),
+        via: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Combine ``values`` ``[..., h, w]`` over the four corners of every cell with ``op`` (e.g. ``np.minimum``).
 
         Returns ``[..., n_row_cells, n_col_cells]``, or the cells ``[rows, cols]`` only.
         """
-        r, c = self._r, self._c
+        r, c = self._axes(via)
         per_row = op(np.take(values, r.lo[rows], axis=-2), np.take(values, r.hi[rows], axis=-2))
         return op(np.take(per_row, c.lo[cols], axis=-1), np.take(per_row, c.hi[cols], axis=-1))
 
+    def _axes(self, via: tuple[np.ndarray, np.ndarray] | None) -> tuple[_AxisCells, _AxisCells]:
+        if via is None:
+            return self._r, self._c
+        return self._through_via(via)[1:]
+
+    def _through_via(self, via: tuple[np.ndarray, np.ndarray]) -> tuple[tuple, _AxisCells, _AxisCells]:
+        cached = self._through.get(id(via))
+        if cached is None or cached[0] is not via:  # the cache holds ``via`` itself: its id stays its own
+            cached = (via, self._r.through(via[0]), self._c.through(via[1]))
+            if len(self._through) >= 8:
+                self._through.clear()
+            self._through[id(via)] = cached
+        return cached
+
     def expand(self, table: np.ndarray) -> np.ndarray:
         """Per-cell values ``[n_row_cells, n_col_cells]`` copied to every target pixel: ``[H, W]``."""
-        return table[np.ix_(self._r.cell_of, self._c.cell_of)]
+        return table.take(self._r.cell_of, axis=0).take(self._c.cell_of, axis=1)  # faster than np.ix_
 
     def count(self, cells: np.ndarray, rows: slice = slice(None), cols: slice = slice(None)) -> int:
         """Number of target pixels in the selected cells of ``cells`` (bool, all cells or ``[rows, cols]``)."""
@@ -265,7 +335,7 @@ class CellGrid:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Target pixel coordinates ``(ys, xs)`` ``[P]`` of all pixels in the selected cells (bool, all cells or
         ``[rows, cols]``)."""
-        r_sel, c_sel = np.nonzero(cells)
+        r_sel, c_sel = _nonzero(cells)
         starts_r, starts_c = self._r.start[rows][r_sel], self._c.start[cols][c_sel]
         heights, widths = self._r.count[rows][r_sel], self._c.count[cols][c_sel]
         sizes = heights * widths
@@ -273,19 +343,24 @@ class CellGrid:
         offset = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         return starts_r[owner] + offset // widths[owner], starts_c[owner] + offset % widths[owner]
 
-    def corners(self, cells: np.ndarray) -> np.ndarray:
-        """Flat source indices ``[n]`` (ascending, unique) of the corners of the selected cells (bool, all cells)."""
-        r_sel, c_sel = np.nonzero(cells)
+    def corners(self, cells: np.ndarray, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Flat source indices ``[n]`` (ascending, unique) of the corners of the selected cells (bool, all cells or
+        ``[rows, cols]``)."""
+        r_sel, c_sel = _nonzero(cells)
+        r_sel, c_sel = r_sel + (rows.start or 0), c_sel + (cols.start or 0)
         # every tap a cell's target pixels read, weighted or not (the second tap may carry weight 0)
-        rows = np.stack([self._r.lo[r_sel], self.rows.index[self._r.start[r_sel], 1]])[:, None, :]
-        cols = np.stack([self._c.lo[c_sel], self.cols.index[self._c.start[c_sel], 1]])[None, :, :]
+        src_rows = np.stack([self._r.lo[r_sel], self._r.second[r_sel]])[:, None, :]
+        src_cols = np.stack([self._c.lo[c_sel], self._c.second[c_sel]])[None, :, :]
         marked = np.zeros(self.src[0] * self.src[1], bool)
-        marked[(rows * self.src[1] + cols).reshape(-1)] = True
+        marked[(src_rows * self.src[1] + src_cols).reshape(-1)] = True
         return np.flatnonzero(marked)
 
-    def cells_reading(self, rows: np.ndarray, cols: np.ndarray) -> tuple[slice, slice]:
+    def cells_reading(
+        self, rows: np.ndarray, cols: np.ndarray, via: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[slice, slice]:
         """The (contiguous) ranges of row and column cells that read any of the source ``rows`` / ``cols``."""
-        return self._r.reading(rows), self._c.reading(cols)
+        r, c = self._axes(via)
+        return r.reading(rows), c.reading(cols)
 
     def sample(self, maps: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Resized values of ``maps`` ``[N, h, w]`` at target pixels ``(ys, xs)``: ``[N, P]``."""
@@ -300,8 +375,10 @@ class CellGrid:
         tol: float,
         scores_at: Callable[[np.ndarray, bool], np.ndarray],
         decided: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        exact: bool = False,
     ) -> np.ndarray:
-        """Argmax over channels of the resized scores, at every target pixel: ``[H, W]`` int64 channel ids.
+        """Argmax over channels of the resized scores, at every target pixel: ``[H, W]`` channel ids (of the dtype
+        of ``channels``).
 
         At each source pixel the scores of the tracked channels ``channels`` ``[K]`` (ascending ids) lie within
         ``lower`` and ``upper`` (``[K, h * w]``, possibly the same array); every other channel scores at most
@@ -320,6 +397,9 @@ class CellGrid:
         n_col_cells]`` bool, ``labels`` the channel id of each sure cell, and ``lower``, ``upper`` (and an array
         ``cap``) hold only the source pixels ``points`` ``[n]`` (ascending flat indices), which must include every
         corner of the cells that are not sure; ``scores_at`` still receives flat source indices.
+
+        With ``exact``, ``lower`` (``upper`` the same array) holds the exact scores of all channels (no ``cap``):
+        step 2 is skipped, and step 3 resamples them at every pixel left, the same way as ``scores_at`` would.
         """
         column = None
         if decided is None:
@@ -327,25 +407,16 @@ class CellGrid:
             label, margin = best.reshape(self.src), (lead - rival).reshape(self.src)
             lowest, highest = self.reduce(label, np.minimum), self.reduce(label, np.maximum)
             sure = (lowest == highest) & (self.reduce(margin, np.minimum) > tol)
-            out = self.expand(np.where(sure, channels[lowest], -1).astype(np.int64))
+            out = self.expand(np.where(sure, channels[lowest], -1).astype(channels.dtype))
         else:
-            sure, labels, points = decided
             best, lead, rival = _leaders(lower, upper, cap)
-            column = np.full(self.src[0] * self.src[1], -1, np.int64)
+            points = decided[2]
+            column = np.full(self.src[0] * self.src[1], -1, np.int32)  # position of each point in points
             column[points] = np.arange(points.size)
-            # step 1 again for the cells left, now with the bounds at their corners
-            r_sel, c_sel = np.nonzero(~sure)
-            rows = np.stack([self._r.lo[r_sel], self._r.hi[r_sel]])[:, None, :]
-            cols = np.stack([self._c.lo[c_sel], self._c.hi[c_sel]])[None, :, :]
-            at = column[(rows * self.src[1] + cols).reshape(4, -1)]  # [4, cells]
-            label, margin = best[at], (lead - rival)[at]
-            now = (label.min(axis=0) == label.max(axis=0)) & (margin.min(axis=0) > tol)
-            sure, labels = sure.copy(), np.array(labels, np.int64)
-            sure[r_sel[now], c_sel[now]] = True
-            labels[r_sel[now], c_sel[now]] = channels[label[0, now]]
-            out = self.expand(np.where(sure, labels, -1).astype(np.int64))
+            sure, labels = self._settle(best, lead - rival, channels, tol, decided, column)
+            out = self.expand(np.where(sure, labels, -1))
             inner = scores_at
-            scores_at = lambda p, everything: inner(points[p], everything)  # noqa: E731
+            scores_at = lambda p, everything: inner(points[p], everything)
         ys, xs = self.pixels(~sure)
         for start in range(0, ys.size, _CHUNK):
             y, x = ys[start : start + _CHUNK], xs[start : start + _CHUNK]
@@ -354,10 +425,13 @@ class CellGrid:
                 corners = column[corners]
             weights = self.rows.weights[y][:, :, None] * self.cols.weights[x][:, None, :]
             corners, weights = corners.reshape(-1, 4), weights.reshape(-1, 4)  # [P, 4] source pixels of each
+            if exact:
+                out[y, x] = channels[_corner_leader(lower, corners, weights)[0]]
+                continue
             leaders = best[corners]  # [P, 4]
-            picked = (leaders[:, None, :], corners[:, :, None])  # leader s at corner c: [P, c, s]
-            low = np.einsum("pc,pcs->ps", weights, lower[picked], dtype=np.float32)
-            high = low if upper is lower else np.einsum("pc,pcs->ps", weights, upper[picked], dtype=np.float32)
+            picked = leaders[:, None, :] * lower.shape[1] + corners[:, :, None]  # leader s at corner c: [P, c, s]
+            low = np.einsum("pc,pcs->ps", weights, np.take(lower, picked), dtype=np.float32)
+            high = low if upper is lower else np.einsum("pc,pcs->ps", weights, np.take(upper, picked), dtype=np.float32)
             winner = leaders[np.arange(y.size), low.argmax(axis=1)]
             ahead = low.max(axis=1) - tol
             others = np.where(leaders == winner[:, None], FLOAT32_MIN, high).max(axis=1)
@@ -367,11 +441,34 @@ class CellGrid:
                 unsure = unsure[ahead[unsure] <= np.maximum(others[unsure], excluded)]
             result = channels[winner]
             if unsure.size:
-                result[unsure] = self._exact_argmax(
-                    corners[unsure], weights[unsure], channels, cap, tol, scores_at
-                )
+                result[unsure] = self._exact_argmax(corners[unsure], weights[unsure], channels, cap, tol, scores_at)
             out[y, x] = result
         return out
+
+    def _settle(
+        self,
+        best: np.ndarray,
+        margin: np.ndarray,
+        channels: np.ndarray,
+        tol: float,
+        decided: tuple[np.ndarray, np.ndarray, np.ndarray],
+        column: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Step 1 again for the cells that ``decided = (sure, labels, points)`` leaves open, from the leader ``best``
+        and its ``margin`` at every point ``[n]`` (``column``: the position of each source pixel in ``points``).
+        Returns new ``sure`` and ``labels``."""
+        sure, labels, _ = decided
+        r_sel, c_sel = _nonzero(~sure)
+        rows = np.stack([self._r.lo[r_sel], self._r.hi[r_sel]])[:, None, :]
+        cols = np.stack([self._c.lo[c_sel], self._c.hi[c_sel]])[None, :, :]
+        at = column[(rows * self.src[1] + cols).reshape(4, -1)]  # [4, cells]
+        label, margin = best[at], margin[at]
+        now = (label.min(axis=0) == label.max(axis=0)) & (margin.min(axis=0) > tol)
+        sure, labels = np.array(sure, bool, order="C"), np.array(labels, channels.dtype, order="C")  # copies
+        settled = r_sel[now] * sure.shape[1] + c_sel[now]  # flat indices: faster than pairs of index arrays
+        sure.reshape(-1)[settled] = True
+        labels.reshape(-1)[settled] = channels[label[0, now]]
+        return sure, labels
 
     @staticmethod
     def _exact_argmax(
@@ -404,7 +501,7 @@ class CellGrid:
         step = max(1, _EXCLUSION_BUDGET // (4 * upper.shape[0]))
         for start in range(0, len(corners), step):
             part = slice(start, start + step)
-            column = upper[:, corners[part]]  # [K, p, 4]
+            column = np.take(upper, corners[part], axis=1)  # [K, p, 4]
             pixels = np.arange(column.shape[1])[:, None]
             for s in range(leaders.shape[1]):
                 column[leaders[part, s, None], pixels, np.arange(4)] = FLOAT32_MIN
@@ -416,23 +513,120 @@ class CellGrid:
     def count_at_least(self, maps: np.ndarray, scale: np.ndarray, threshold: float, tol: float) -> np.ndarray:
         """For each map ``k``: the number of target pixels where ``resized(maps[k]) * scale[k] >= threshold``.
 
-        ``maps`` ``[K, h, w]``, ``scale`` ``[K]`` (positive); returns ``[K]`` int64. Only cells that read a source
-        pixel within ``tol`` of the threshold or above are visited; those whose corners are all above
-        ``threshold + tol`` count whole, and only the target pixels of cells with corners on both sides are
-        resampled.
+        ``maps`` ``[K, h, w]``, ``scale`` ``[K]`` (positive); returns ``[K]`` int64 (see :meth:`count_reaching`).
         """
         counts = np.zeros(len(maps), np.int64)
         for k, (values, factor) in enumerate(zip(maps, scale)):
             scaled = values * factor
-            reachable = scaled >= threshold - tol
-            rows, cols = np.flatnonzero(reachable.any(axis=1)), np.flatnonzero(reachable.any(axis=0))
-            if rows.size == 0:
-                continue
-            r, c = self.cells_reading(rows, cols)
-            above = self.reduce(scaled >= threshold + tol, np.logical_and, r, c)
-            unsure = self.reduce(reachable, np.logical_or, r, c) & ~above
-            counts[k] = self.count(above, r, c)
-            if unsure.any():
-                ys, xs = self.pixels(unsure, r, c)
-                counts[k] += int(np.count_nonzero(self.sample(maps[k : k + 1], ys, xs)[0] * factor >= threshold))
+            flat = values.reshape(-1)
+            counts[k] = self.count_reaching(
+                scaled, scaled, factor, threshold, tol, lambda points, flat=flat: flat[points]
+            )[0]
         return counts
+
+    def count_bounds(
+        self, lower: np.ndarray, upper: np.ndarray, threshold: float, tol: float, via: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The first bounds of :meth:`count_reaching` (``settled`` aside) for many maps at once, ``(low, high)``
+        ``[K]`` int64, from ``lower`` / ``upper`` ``[K, h', w']`` on the ``via`` grid.
+
+        When every cell reads one coarse row or two adjacent ones (likewise columns), a cell's corners are
+        ``(a, b)``, possibly with ``a + 1`` and ``b + 1``: the cells are counted by kind (single or pair, per axis)
+        on shifted copies of the maps, all maps at once. None when the cells are not of that form.
+        """
+        _, r, c = self._through_via(via)
+        h, w = lower.shape[1:]
+        rows, cols = r.adjacent_counts(h), c.adjacent_counts(w)
+        if rows is None or cols is None:
+            return None
+        bounds = []
+        for values, op in ((lower >= threshold + tol, np.logical_and), (upper >= threshold - tol, np.logical_or)):
+            down = op(values[:, :-1], values[:, 1:])  # rows a and a + 1
+            total = np.zeros(len(values), np.float32)
+            for maps, row_count in ((values, rows[0]), (down, rows[1][:-1])):
+                right = op(maps[:, :, :-1], maps[:, :, 1:])  # columns b and b + 1
+                for part, col_count in ((maps, cols[0]), (right, cols[1][:-1])):
+                    per_row = np.einsum("khw,w->kh", part.astype(np.float32), col_count)  # no BLAS: see module
+                    total += np.einsum("kh,h->k", per_row, row_count[: part.shape[1]])
+            bounds.append(np.rint(total).astype(np.int64))  # sums of small integers: exact in float32 below 2**24
+        return bounds[0], bounds[1]
+
+    def count_reaching(
+        self,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        scale: float,
+        threshold: float,
+        tol: float,
+        values_at: Callable[[np.ndarray], np.ndarray],
+        via: tuple[np.ndarray, np.ndarray] | None = None,
+        settled: Callable[[int, int], bool] | None = None,
+    ) -> tuple[int, int]:
+        """The number of target pixels where ``resized(values) * scale >= threshold``, as bounds ``(low, high)``.
+
+        ``lower`` / ``upper`` ``[h, w]`` (or on the ``via`` grid) bound ``values * scale`` at every source pixel;
+        ``values_at(flat_source_indices [n])`` returns exact ``values`` ``[n]``. Only cells that read a source pixel
+        whose bound comes within ``tol`` of the threshold are visited; those whose corners are all above
+        ``threshold + tol`` count whole (first by the bounds, then by their corners' exact values), and only
+        the target pixels of the cells with corners on both sides are resampled exactly, from the corners' exact
+        values. The count is exact (``low == high``) unless ``settled(low, high)`` says earlier that bounds are
+        enough.
+        """
+        reachable = upper >= threshold - tol
+        rows, cols = np.flatnonzero(reachable.any(axis=1)), np.flatnonzero(reachable.any(axis=0))
+        if rows.size == 0:
+            return 0, 0
+        r, c = self.cells_reading(rows, cols, via)
+        above = self.reduce(lower >= threshold + tol, np.logical_and, r, c, via)
+        low = self.count(above, r, c)
+        if settled is not None:  # every pixel of the cells visited, a cheap first upper bound
+            high = int(self._r.count[r].sum()) * int(self._c.count[c].sum())
+            if settled(low, high):
+                return low, high
+        unsure = self.reduce(reachable, np.logical_or, r, c, via) & ~above
+        high = low + self.count(unsure, r, c)
+        if low == high or (settled is not None and settled(low, high)):
+            return low, high
+        # the unsure cells again, with their corners' exact values
+        points = self.corners(unsure, r, c)
+        values = values_at(points)
+        r_sel, c_sel = _nonzero(unsure)
+        r_sel, c_sel = r_sel + (r.start or 0), c_sel + (c.start or 0)
+        corner_rows = np.stack([self._r.lo[r_sel], self._r.hi[r_sel]])[:, None, :]
+        corner_cols = np.stack([self._c.lo[c_sel], self._c.hi[c_sel]])[None, :, :]
+        position = np.zeros(self.src[0] * self.src[1], np.int32)
+        position[points] = np.arange(points.size)
+        scaled = values[position[(corner_rows * self.src[1] + corner_cols).reshape(4, -1)]] * scale
+        sizes = self._r.count[r_sel] * self._c.count[c_sel]
+        all_above = (scaled >= threshold + tol).all(axis=0)
+        mixed = ~all_above & (scaled >= threshold - tol).any(axis=0)
+        low += int(sizes[all_above].sum())
+        high = low + int(sizes[mixed].sum())
+        if low == high or (settled is not None and settled(low, high)):
+            return low, high
+        # and the target pixels of the cells left, resampled exactly
+        left = np.zeros_like(unsure)
+        left[r_sel[mixed] - (r.start or 0), c_sel[mixed] - (c.start or 0)] = True
+        ys, xs = self.pixels(left, r, c)
+        resampled = self.resample_points(values[None], points, ys, xs)[0]
+        low += int(np.count_nonzero(resampled * scale >= threshold))
+        return low, low
+
+    def resample_points(self, values: np.ndarray, points: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Resized values at target pixels ``(ys, xs)`` ``[P]`` from ``values`` ``[N, n]`` known at the flat source
+        indices ``points`` ``[n]`` (ascending; they must include every tap the pixels read): ``[N, P]``.
+
+        The same arithmetic, in the same order, as :func:`sample_maps` reading the taps directly.
+        """
+        out = None
+        for t in range(self.rows.index.shape[1]):
+            base = self.rows.index[ys, t] * self.src[1]
+            line = np.take(values, np.searchsorted(points, base + self.cols.index[xs, 0]), axis=1)
+            line *= self.cols.weights[xs, 0]
+            for u in range(1, self.cols.index.shape[1]):
+                term = np.take(values, np.searchsorted(points, base + self.cols.index[xs, u]), axis=1)
+                term *= self.cols.weights[xs, u]
+                line += term
+            line *= self.rows.weights[ys, t]
+            out = line if out is None else np.add(out, line, out=out)
+        return out
