@@ -115,13 +115,22 @@ def test_certified_argmax_with_loose_bounds_still_exact():
     assert (labels == _dense_argmax(scores, grid)).mean() > 0.999
 
 
+def _count_at_least(grid, maps, scale, threshold, tol):
+    """Per map ``k``: target pixels where ``resized(maps[k]) * scale[k] >= threshold``, through count_reaching."""
+    counts = np.zeros(len(maps), np.int64)
+    for k, (values, factor) in enumerate(zip(maps, scale)):
+        scaled, flat = values * factor, values.reshape(-1)
+        counts[k] = grid.count_reaching(scaled, scaled, factor, threshold, tol, lambda points, flat=flat: flat[points])[0]
+    return counts
+
+
 @pytest.mark.parametrize("dst", [(480, 640), (100, 37), (384, 384)])
 def test_count_at_least_equals_dense_count(dst):
     rng = np.random.default_rng(5)
     logits = resize_maps(rng.normal(0, 4, (4, 8, 8)).astype(np.float32), bilinear(8, 384), bilinear(8, 384))
     sig = (1 / (1 + np.exp(-logits))).astype(np.float32)
     scale = np.array([0.9, 0.6, 1.0, 0.75], np.float32)
-    counts = CellGrid((384, 384), dst).count_at_least(sig, scale, 0.5, 1e-5)
+    counts = _count_at_least(CellGrid((384, 384), dst), sig, scale, 0.5, 1e-5)
     dense = (_torch_resize(sig, dst) * scale[:, None, None] >= 0.5).sum(axis=(1, 2))
     np.testing.assert_array_equal(counts, dense)
     assert counts.min() > 0 and counts.max() < dst[0] * dst[1]  # a real test: some in, some out

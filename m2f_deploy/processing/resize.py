@@ -510,20 +510,6 @@ class CellGrid:
             out[part] = (weights[part] * bound).sum(axis=1)
         return out
 
-    def count_at_least(self, maps: np.ndarray, scale: np.ndarray, threshold: float, tol: float) -> np.ndarray:
-        """For each map ``k``: the number of target pixels where ``resized(maps[k]) * scale[k] >= threshold``.
-
-        ``maps`` ``[K, h, w]``, ``scale`` ``[K]`` (positive); returns ``[K]`` int64 (see :meth:`count_reaching`).
-        """
-        counts = np.zeros(len(maps), np.int64)
-        for k, (values, factor) in enumerate(zip(maps, scale)):
-            scaled = values * factor
-            flat = values.reshape(-1)
-            counts[k] = self.count_reaching(
-                scaled, scaled, factor, threshold, tol, lambda points, flat=flat: flat[points]
-            )[0]
-        return counts
-
     def count_bounds(
         self, lower: np.ndarray, upper: np.ndarray, threshold: float, tol: float, via: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray] | None:
