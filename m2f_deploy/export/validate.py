@@ -99,14 +99,17 @@ class ValidationReport:
 
 
 def session(path: str | os.PathLike, msda: str):
-    """An onnxruntime CPU session; plugin graphs run through the numpy stand-in."""
+    """An onnxruntime CPU session with the runtime's options; plugin graphs run through the numpy stand-in."""
+    import onnxruntime
+
+    from m2f_deploy.runtime.onnxrt import session_options
+
+    options = session_options(onnxruntime, precision=read_onnx_metadata(path)["precision"])
     if msda == "trt_plugin":
         from m2f_deploy.export.plugin_standin import standin_session
 
-        return standin_session(path)
-    import onnxruntime
-
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return standin_session(path, sess_options=options)
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _cases(meta: dict) -> list[tuple[int, int, int, int]]:
