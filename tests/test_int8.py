@@ -60,3 +60,34 @@ def test_gate_and_errors(setup, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         export_main([str(fp32), "--int8", "--calib", str(tmp_path / "empty")])
+
+
+def test_int8_targets_quantize_activations_their_way(setup, tmp_path):
+    """cpu: uint8 activations (onnxruntime's x86 U8S8 kernels); tensorrt: int8 with zero point 0. Both quantize
+    the inputs of the MatMuls only, never their outputs (a quantized output is dequantized again for the bias)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from m2f_deploy.export.tensorrt import build_engine
+
+    _, _, calib = setup
+    fp32 = export_onnx(decisive_model(), tmp_path / "fp32.onnx", height=64, width=64)
+    images = sorted(calib.glob("*.png"))
+    for target, dtype in (("cpu", np.uint8), ("tensorrt", np.int8)):
+        path = quantize_int8(fp32, tmp_path / f"{target}.onnx", images, min_agreement=0.5, target=target)
+        meta = read_onnx_metadata(path)["exporter"]["int8"]
+        assert meta["target"] == target and meta["activations"].startswith(np.dtype(dtype).name)
+        graph = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+        producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+        quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantize and all(inits[n.input[2]].dtype == dtype for n in quantize)
+        if target == "tensorrt":
+            assert all(not inits[n.input[2]].any() for n in quantize)  # symmetric
+        assert not [n.name for n in quantize if producers.get(n.input[0]) == "MatMul"]
+    with pytest.raises(InputError, match="quantized for onnxruntime CPU"):
+        build_engine(tmp_path / "cpu.onnx", int8=True)  # refused before TensorRT is even looked for
+    with pytest.raises(InputError, match="unknown INT8 target 'gpu'"):
+        quantize_int8(fp32, tmp_path / "q.onnx", images, target="gpu")
+    with pytest.raises(InputError, match="--int8-target is for --int8 --calib"):
+        export_main([str(fp32), "--int8-target", "cpu"])

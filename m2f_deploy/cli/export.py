@@ -34,9 +34,11 @@ def build_parser() -> Parser:
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
     p.add_argument("--dynamic-shape", action="store_true", help="dynamic height and width (multiples of 32)")
     p.add_argument("--msda", default="grid_sample",
-                   help="deformable attention: grid_sample (default), gather (no GridSample), trt_plugin")
+                   help="deformable attention: grid_sample (default), gather (no GridSample), trt_plugin, "
+                        "deform_conv (fastest on onnxruntime CPU; static size, opset 19)")
     p.add_argument("--exporter", default="torchscript", help="torchscript (default) or dynamo")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: 17; 18 with --exporter dynamo; 19 for --msda deform_conv)")
     p.add_argument("--fp16", action="store_true", help="fp16 graph with fp32 islands; inputs and outputs stay fp32")
     p.add_argument("--cleanup", default="auto", help="graph clean-up: auto (default), ort, onnxslim, none")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
@@ -51,6 +53,9 @@ def build_parser() -> Parser:
     q.add_argument("--calib", type=Path, metavar="DIR", help="calibration images (a folder) for --int8")
     q.add_argument("--calib-limit", type=int, default=None, metavar="N", help="use the first N calibration images")
     q.add_argument("--calib-method", default="minmax", help="minmax (default), percentile or entropy")
+    q.add_argument("--int8-target", choices=("cpu", "tensorrt"), default=None,
+                   help="where the INT8 graph runs: cpu (onnxruntime; uint8 activations) or tensorrt (int8 "
+                        "symmetric activations); default: tensorrt with --engine, else cpu")
     q.add_argument("--min-agreement", type=float, default=0.95, metavar="SHARE",
                    help="the INT8 gate: least share of semantic pixels equal to fp32 on calibration images (0.95)")
     trt = p.add_argument_group("TensorRT engine (needs TensorRT and a GPU)")
@@ -107,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
 
         check_tensorrt()  # before the slow export
     from m2f_deploy.export import export_onnx
-    from m2f_deploy.export.onnx_export import MIN_OPSET, check_export_args, check_output_path
+    from m2f_deploy.export.onnx_export import check_export_args, check_output_path, default_opset
 
     name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
     if args.int8 and args.fp16:
         raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
     output = args.output or Path(f"{name}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
     # check everything that is cheap before the (slow) model load
-    check_export_args(height, width, args.batch, args.msda, args.exporter, args.opset or MIN_OPSET)
+    check_export_args(height, width, args.batch, args.msda, args.exporter,
+                      args.opset or default_opset(args.exporter, args.msda), dynamic_hw=args.dynamic_shape)  # fmt: skip
     check_output_path(output)
 
     if args.preset:
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibration_images(args) -> list[Path]:
+    if args.int8_target and not args.calib:
+        raise InputError("--int8-target is for --int8 --calib DIR (it says how the graph is quantized)")
     if args.calib is None:
         return []
     if not args.int8:
@@ -165,7 +173,8 @@ def _quantize(fp32: Path, output: Path, images: list[Path], args) -> None:
     from m2f_deploy.export.int8 import quantize_int8
 
     progress = Progress(len(images), "calibration images", quiet=args.quiet)
-    quantize_int8(fp32, output, images, method=args.calib_method, min_agreement=args.min_agreement,
+    target = args.int8_target or ("tensorrt" if args.engine else "cpu")
+    quantize_int8(fp32, output, images, method=args.calib_method, min_agreement=args.min_agreement, target=target,
                   progress=lambda done, total: progress.step())  # fmt: skip
     progress.close()
 

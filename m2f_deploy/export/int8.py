@@ -1,8 +1,17 @@
 """fp32 ONNX -> INT8 QDQ ONNX with onnxruntime's static quantization, calibrated on real images.
 
-The result is an explicitly quantized graph (QuantizeLinear / DequantizeLinear pairs, symmetric int8 weights and
-activations, per-channel weights): onnxruntime CPU runs it with int8 kernels, and TensorRT builds it as an
-explicitly quantized network (``m2f-export model-int8.onnx --int8``).
+The result is an explicitly quantized graph (QuantizeLinear / DequantizeLinear pairs, symmetric per-channel int8
+weights), in one of two layouts, by ``target``:
+
+- ``cpu``: uint8 (asymmetric) activations. onnxruntime's x86 kernels take uint8 activations with int8 weights
+  (U8S8) and fuse ``DQ -> MatMul`` into ``MatMulIntegerToFloat``; with int8 activations they leave most MatMuls
+  in float over dequantized weights, and the graph ran slower than fp32 (measured: Swin-T at 384x384, 2 cores).
+- ``tensorrt``: int8 symmetric activations (zero point 0), the only kind TensorRT's explicit quantization takes
+  (``m2f-export model-int8.onnx --int8`` builds the engine).
+
+In both, only the inputs of the MatMuls are quantized, not their outputs: a quantized output would only be
+dequantized again for the bias Add that follows, costing time and accuracy; Conv outputs are quantized, which
+onnxruntime needs to fuse ``QLinearConv``.
 
 Quantized: the weight-bearing MatMul / Gemm / Conv nodes, where the time goes. Kept in float: Softmax, LayerNorm,
 GroupNorm and every other op (only the listed op types are quantized), and everything in the float32 scopes of
@@ -37,6 +46,8 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 MIN_INT8_AGREEMENT = 0.95
 """Share of identical semantic pixels, int8 against fp32 on calibration images, below which nothing is written."""
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+TARGETS = {"cpu": "uint8 asymmetric", "tensorrt": "int8 symmetric"}
+"""Where an INT8 graph is meant to run -> how its activations are quantized."""
 
 
 class _Reader:
@@ -87,9 +98,13 @@ def quantize_int8(
     *,
     method: str = "minmax",
     min_agreement: float = MIN_INT8_AGREEMENT,
+    target: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Quantize the fp32 graph at ``fp32_path`` into ``path`` (QDQ), calibrated on ``calibration_images``."""
+    """Quantize the fp32 graph at ``fp32_path`` into ``path`` (QDQ), calibrated on ``calibration_images``.
+
+    target: ``cpu`` (onnxruntime, uint8 activations) or ``tensorrt`` (int8 symmetric activations).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -100,6 +115,11 @@ def quantize_int8(
     if meta["msda"] == "trt_plugin":
         raise InputError(f"{fp32_path}: INT8 calibration runs the graph in onnxruntime, which has no TensorRT plugin; "
                          "export with --msda grid_sample or gather")  # fmt: skip
+    if target not in TARGETS:
+        from m2f_deploy.utils import did_you_mean
+
+        raise InputError(f"unknown INT8 target {target!r}{did_you_mean(target, TARGETS)}; choose one of "
+                         f"{', '.join(TARGETS)}")  # fmt: skip
     if method not in CALIBRATION_METHODS:
         raise InputError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     if not calibration_images:
@@ -121,14 +141,16 @@ def quantize_int8(
         quantize_static(
             str(prepared), str(raw), _Reader(batches, progress), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=weighted, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
         )  # fmt: skip
         graph = onnx.load(str(raw))
         meta["precision"] = "int8"
         meta["exporter"] = {**meta["exporter"], "int8": {
-            "tool": "onnxruntime.quantization (QDQ, symmetric, per-channel weights)", "calibration": method,
+            "tool": "onnxruntime.quantization (QDQ, symmetric per-channel weights)", "target": target,
+            "activations": TARGETS[target], "calibration": method,
             "calibration_images": len(batches), "quantized_nodes": len(weighted), "source_fp32": fp32_path.name,
         }}  # fmt: skip
         del graph.metadata_props[:]

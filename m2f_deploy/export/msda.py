@@ -6,11 +6,15 @@
   deformable attention).
 - ``trt_plugin``: one ``MultiscaleDeformableAttnPlugin_TRT`` node per call (TensorRT's plugin
   library), with int32 ``spatial_shapes`` / ``level_start_index`` in the plugin's input order.
+- ``deform_conv``: one standard ONNX ``DeformConv`` (opset 19) per level, the fastest on onnxruntime
+  CPU: the modulated deformable convolution samples every head's channels from one bilinear plan
+  and applies the attention weights as its mask (:func:`msda_deform_conv`). Static sizes only: the
+  sampling geometry becomes the node's pads.
 
 The first two are plain PyTorch, so both exporters turn them into standard ONNX ops by
-themselves. The plugin has no PyTorch equivalent: it is a custom op, defined only while an export
-runs (:func:`flavour`), with a TorchScript symbolic and an onnxscript translation for the dynamo
-exporter.
+themselves. The plugin and DeformConv have no PyTorch equivalent here (torchvision is not a
+dependency): each is a custom op, defined only while an export runs (:func:`flavour`), with a
+TorchScript symbolic and an onnxscript translation for the dynamo exporter.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from m2f_deploy.errors import InputError
@@ -26,11 +33,15 @@ from m2f_deploy.modeling.layers import size_tensor
 from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample, msda_implementation
 from m2f_deploy.utils import did_you_mean
 
-FLAVOURS = ("grid_sample", "gather", "trt_plugin")
+FLAVOURS = ("grid_sample", "gather", "trt_plugin", "deform_conv")
+STATIC_SIZE_FLAVOURS = ("deform_conv",)
+MIN_OPSET = {"deform_conv": 19}  # DeformConv's first opset; the others need GridSample's 16 at most
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_DOMAIN = "trt.plugins"
 _NAMESPACE, _OP = "m2f_deploy", "msda_trt_plugin"
 _QUALNAME = f"{_NAMESPACE}::{_OP}"
+_DEFORM_OP = "deform_sample"
+_DEFORM_QUALNAME = f"{_NAMESPACE}::{_DEFORM_OP}"
 
 
 def msda_gather(
@@ -158,6 +169,152 @@ def _plugin_op(opset: int) -> Iterator[dict]:
         lib._destroy()
 
 
+def sampling_canvas(num_queries: int, spatial_shapes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The DeformConv output grid (OH, OW) that holds ``num_queries`` queries, at least as large as every level.
+
+    The queries sit on a near-square grid centred on each level by the pads, so that the base positions the
+    convolution adds back to the offsets stay small (|base| <~ 64 px): along a 1 x S row they would reach S,
+    and the float32 round trip ``(location - base) + base`` would lose ~1e-4 px at S = 3024.
+    """
+    side = max([math.isqrt(num_queries - 1) + 1] + [h for h, _ in spatial_shapes])
+    return side, max([-(-num_queries // side)] + [w for _, w in spatial_shapes])
+
+
+def _deform_pads(h: int, w: int, oh: int, ow: int, points: int) -> list[int]:
+    """DeformConv pads [top, left, bottom, right] giving an (oh, ow) output for an (h, w) input, kernel 1 x P."""
+    top, left = (oh - h) // 2, (ow - w + points - 1) // 2
+    return [top, left, oh - h - top, ow - w + points - 1 - left]
+
+
+def msda_deform_conv(
+    value: Tensor, spatial_shapes: Sequence[tuple], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """MSDA as one modulated ``DeformConv`` per level: kernel 1 x P (one tap per sampling point), weights 1,
+    ``group`` = channels (each channel its own sum), ``offset_group`` = heads (a head's channels share the
+    offsets), the attention weights as the modulation mask.
+
+    Output position ``o`` of the (OH, OW) canvas is query ``o``; its tap ``k`` sits at the base position
+    ``(oy - top, ox - left + k)``, and the offsets move it to the sampling location in pixels, ``loc * size -
+    0.5`` (``align_corners=False``). DeformConv's bilinear sampling reads zeros outside the map, as
+    ``grid_sample(padding_mode="zeros")`` does. Sizes must be static (they become the pads).
+    """
+    m, d = int(value.shape[2]), int(value.shape[3])  # static: they become attributes and constant shapes
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    lq, points = int(sampling_locations.shape[1]), int(sampling_locations.shape[4])
+    oh, ow = sampling_canvas(lq, shapes)
+    extra = oh * ow - lq
+    levels = len(shapes)
+    # [N, Lq, M, L, P, 2 (x, y)] -> [N, L, M, P, 2 (y, x), OH*OW], padded queries get weight 0. Two transposes
+    # (queries last, then whole blocks of them) cost onnxruntime a tenth of the one 6-D permutation.
+    locations = sampling_locations.reshape(-1, lq, m * levels * points * 2).transpose(1, 2)
+    locations = F.pad(locations.reshape(-1, m, levels, points, 2, lq).transpose(1, 2).flip(4), (0, extra))
+    weights = attention_weights.reshape(-1, lq, m * levels * points).transpose(1, 2)
+    weights = F.pad(weights.reshape(-1, m, levels, points, lq).transpose(1, 2), (0, extra))  # [N, L, M, P, OH*OW]
+    oy, ox = torch.arange(oh * ow) // ow, torch.arange(oh * ow) % ow
+    out = None
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        pads = _deform_pads(h, w, oh, ow, points)
+        base = torch.stack([(oy - pads[0]).expand(points, -1), ox - pads[1] + torch.arange(points)[:, None]], 1)
+        to_pixels = torch.tensor([[h], [w]], dtype=value.dtype)  # (y, x) rows
+        offsets = locations[:, level] * to_pixels - (base.to(value.dtype) + 0.5)  # [N, M, P, 2, OH*OW]
+        maps = value[:, start : start + h * w].reshape(-1, h, w, m * d).permute(0, 3, 1, 2)
+        sampled = deform_sample(
+            maps, offsets.reshape(-1, m * points * 2, oh, ow), weights[:, level].reshape(-1, m * points, oh, ow),
+            pads, m,
+        )  # fmt: skip
+        out = sampled if out is None else out + sampled
+        start += h * w
+    return out.flatten(2)[:, :, :lq].transpose(1, 2)
+
+
+def deform_sample(maps: Tensor, offsets: Tensor, mask: Tensor, pads: list[int], offset_group: int) -> Tensor:
+    """ONNX ``DeformConv`` with unit weights, kernel 1 x P, one group per channel (the custom op during export).
+
+    maps [N, C, h, w]; offsets [N, G*P*2, OH, OW] ((dy, dx) per group and tap); mask [N, G*P, OH, OW]
+    -> [N, C, OH, OW]: per channel, the mask-weighted sum of its P bilinear taps. C and P are passed on as
+    integers: the symbolic cannot always read them off the traced shapes.
+    """
+    channels, points = int(maps.shape[1]), int(mask.shape[1]) // offset_group
+    return getattr(getattr(torch.ops, _NAMESPACE), _DEFORM_OP)(maps, offsets, mask, pads, offset_group, channels,
+                                                               points)  # fmt: skip
+
+
+def _deform_eager(
+    maps: Tensor, offsets: Tensor, mask: Tensor, pads: list[int], offset_group: int, channels: int, points: int
+) -> Tensor:
+    """DeformConv's math through ``grid_sample`` (tracing runs it; tests compare it with onnxruntime's kernel)."""
+    n, c, h, w = maps.shape
+    oh, ow = offsets.shape[-2:]
+    g = offset_group
+    offsets = offsets.reshape(n, g, points, 2, oh * ow)
+    oy = (torch.arange(oh * ow) // ow - pads[0]).to(maps.dtype)
+    ox = (torch.arange(oh * ow) % ow - pads[1])[None, :] + torch.arange(points)[:, None]
+    y = offsets[:, :, :, 0] + oy  # [N, G, P, OH*OW], pixels
+    x = offsets[:, :, :, 1] + ox.to(maps.dtype)
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).transpose(2, 3)  # [N, G, OH*OW, P, 2]
+    sampled = F.grid_sample(
+        maps.reshape(n * g, c // g, h, w), grid.reshape(n * g, oh * ow, points, 2),
+        mode="bilinear", padding_mode="zeros", align_corners=False,
+    )  # fmt: skip  [N*G, C/G, OH*OW, P]
+    weights = mask.reshape(n * g, 1, points, oh * ow).transpose(2, 3)
+    return (sampled * weights).sum(-1).reshape(n, c, oh, ow)
+
+
+def _deform_fake(
+    maps: Tensor, offsets: Tensor, mask: Tensor, pads: list[int], offset_group: int, channels: int, points: int
+) -> Tensor:
+    return maps.new_empty((maps.shape[0], maps.shape[1], *offsets.shape[-2:]))
+
+
+def _deform_attributes(channels: int, points: int, pads: Sequence[int], offset_group: int) -> dict:
+    return {"kernel_shape": [1, points], "strides": [1, 1], "dilations": [1, 1], "pads": list(pads),
+            "group": channels, "offset_group": offset_group}  # fmt: skip
+
+
+def _deform_symbolic(g, maps, offsets, mask, pads, offset_group, channels, points):
+    from torch.onnx import symbolic_helper
+
+    pads = symbolic_helper._maybe_get_const(pads, "is")
+    offset_group, channels, points = (
+        symbolic_helper._maybe_get_const(v, "i") for v in (offset_group, channels, points)
+    )
+    attrs = _deform_attributes(channels, points, pads, offset_group)
+    out = g.op(
+        "DeformConv", maps, g.op("Constant", value_t=torch.ones(channels, 1, 1, points)), offsets,
+        g.op("Constant", value_t=torch.zeros(channels)), mask,
+        **{f"{k}_i": v for k, v in attrs.items()},
+    )  # fmt: skip
+    out.setType(maps.type().with_sizes([None, channels, None, None]))
+    return out
+
+
+def _deform_translation(maps, offsets, mask, pads, offset_group, channels, points):
+    """The dynamo exporter's translation: ONNX DeformConv (opset 19)."""
+    import numpy as np
+    from onnxscript import opset19 as op
+
+    weight = op.Constant(value=np.ones((channels, 1, 1, points), np.float32))
+    bias = op.Constant(value=np.zeros((channels,), np.float32))
+    return op.DeformConv(maps, weight, offsets, bias, mask, **_deform_attributes(channels, points, pads, offset_group))
+
+
+@contextmanager
+def _deform_op(opset: int) -> Iterator[dict]:
+    """Define the DeformConv custom op and its symbolic for the duration of one export."""
+    lib = torch.library.Library(_NAMESPACE, "FRAGMENT")
+    lib.define(f"{_DEFORM_OP}(Tensor maps, Tensor offsets, Tensor mask, int[] pads, int offset_group, int channels, "
+               "int points) -> Tensor")  # fmt: skip
+    lib.impl(_DEFORM_OP, _deform_eager, "CompositeExplicitAutograd")
+    lib.impl(_DEFORM_OP, _deform_fake, "Meta")
+    torch.onnx.register_custom_op_symbolic(_DEFORM_QUALNAME, _deform_symbolic, opset)
+    try:
+        yield {getattr(getattr(torch.ops, _NAMESPACE), _DEFORM_OP).default: _deform_translation}
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(_DEFORM_QUALNAME, opset)
+        lib._destroy()
+
+
 def check_flavour(name: str) -> None:
     if name not in FLAVOURS:
         raise InputError(f"unknown MSDA flavour {name!r}{did_you_mean(name, FLAVOURS)}; choose one of {', '.join(FLAVOURS)}")
@@ -171,6 +328,9 @@ def flavour(name: str, opset: int) -> Iterator[dict]:
         table: dict = {}
         if name == "trt_plugin":
             table = stack.enter_context(_plugin_op(opset))
-        impl = {"grid_sample": msda_grid_sample, "gather": msda_gather, "trt_plugin": msda_trt_plugin}[name]
+        elif name == "deform_conv":
+            table = stack.enter_context(_deform_op(opset))
+        impl = {"grid_sample": msda_grid_sample, "gather": msda_gather, "trt_plugin": msda_trt_plugin,
+                "deform_conv": msda_deform_conv}[name]  # fmt: skip
         stack.enter_context(msda_implementation(impl))
         yield table

@@ -117,6 +117,11 @@ def build_engine(
     if workspace_gib is not None and workspace_gib <= 0:
         raise InputError(f"--workspace must be positive (GiB), got {workspace_gib}")
     fp16 = fp16 or meta["precision"] == "fp16"
+    quantized_for = meta.get("exporter", {}).get("int8", {}).get("target", "tensorrt")
+    if meta["precision"] == "int8" and quantized_for != "tensorrt":
+        raise InputError(f"{onnx_path}: this INT8 graph was quantized for onnxruntime CPU (uint8 activations), "
+                         "which TensorRT does not take; quantize for TensorRT: m2f-export ... --int8 --calib DIR "
+                         "--int8-target tensorrt")  # fmt: skip
     trt = _tensorrt()
     from m2f_deploy.runtime.cuda import gpu_info
     from m2f_deploy.runtime.tensorrt import trt_logger

@@ -21,6 +21,10 @@ class MaskPredictor(nn.Module):
         super().__init__()
         self.mask_embedder = mlp(hidden_dim, mask_feature_size)
 
+    def embed(self, queries: Tensor) -> Tensor:
+        """[B, Q, C] query states (after the decoder's LayerNorm) -> [B, Q, C'] mask embeddings."""
+        return self.mask_embedder(queries)
+
     def forward(
         self, queries: Tensor, mask_features: Tensor, attention_size: tuple | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -30,8 +34,19 @@ class MaskPredictor(nn.Module):
         masked-attention mask for the next layer: [B, Q, h*w] bool, True where the query may NOT
         attend (its mask, resized to h x w, has probability < 0.5 there).
         """
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embedder(queries), mask_features)
+        masks = mask_logits(self.embed(queries), mask_features)
         if attention_size is None:
             return masks, None
         resized = F.interpolate(masks, size=attention_size, mode="bilinear", align_corners=False)
-        return masks, resized.sigmoid().flatten(2) < 0.5
+        return masks, attention_mask(resized)
+
+
+def mask_logits(embeddings: Tensor, features: Tensor) -> Tensor:
+    """einsum("bqc,bchw->bqhw") written as one batched MatMul (onnxruntime's Einsum is ~2x slower)."""
+    b, c, h, w = features.shape
+    return torch.matmul(embeddings, features.reshape(b, c, h * w)).view(b, -1, h, w)
+
+
+def attention_mask(logits: Tensor) -> Tensor:
+    """[B, Q, h, w] mask logits -> [B, Q, h*w] bool, True where the query may NOT attend."""
+    return logits.sigmoid().flatten(2) < 0.5

@@ -9,10 +9,12 @@ from torch import Tensor, nn
 
 
 class SinePositionEmbedding(nn.Module):
-    """``[B, 2 * num_pos_feats, H, W]`` sine/cosine embeddings of the (y, x) pixel position.
+    """``[1, 2 * num_pos_feats, H, W]`` sine/cosine embeddings of the (y, x) pixel position.
 
     Matches transformers' ``Mask2FormerSinePositionEmbedding(normalize=True)`` with no mask:
-    positions 1..H (1..W) are scaled to (0, 2 pi] before the sinusoids.
+    positions 1..H (1..W) are scaled to (0, 2 pi] before the sinusoids. Every image of a batch has
+    the same embedding, so it is computed once and broadcast: with a dynamic batch axis and a static
+    size, the exported graph then folds it into a constant instead of recomputing it per run.
     """
 
     def __init__(self, num_pos_feats: int, temperature: int = 10000, scale: float = 2 * math.pi):
@@ -23,10 +25,10 @@ class SinePositionEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, C, H, W] (only its shape, dtype and device are used)."""
-        batch, _, height, width = x.shape
+        _, _, height, width = x.shape
         dtype, device = x.dtype, x.device
-        y_embed = torch.arange(1, height + 1, dtype=dtype, device=device)[None, :, None].expand(batch, height, width)
-        x_embed = torch.arange(1, width + 1, dtype=dtype, device=device)[None, None, :].expand(batch, height, width)
+        y_embed = torch.arange(1, height + 1, dtype=dtype, device=device)[None, :, None].expand(1, height, width)
+        x_embed = torch.arange(1, width + 1, dtype=dtype, device=device)[None, None, :].expand(1, height, width)
         eps = 1e-6
         y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
         x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale

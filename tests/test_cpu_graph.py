@@ -1,0 +1,183 @@
+"""The CPU-speed work on the exported graph: the DeformConv MSDA flavour, static-size folding, attention-size
+masks, the additive attention mask, denormals flushed in the sessions. Each keeps the numbers of the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from factory import decisive_model, tiny_config
+from onnx import TensorProto, helper
+
+from m2f_deploy.errors import InputError
+from m2f_deploy.export import export_onnx
+from m2f_deploy.export.msda import flavour, msda_deform_conv, msda_gather, sampling_canvas
+from m2f_deploy.export.onnx_export import inference_graph
+from m2f_deploy.export.static_dims import fold_static_dims
+from m2f_deploy.export.validate import session
+from m2f_deploy.modeling import Mask2Former, msda_grid_sample
+from m2f_deploy.runtime.onnxrt import session_options
+
+SHAPES = [(3, 5), (6, 10), (12, 20)]  # non-square levels, as a 96 x 160 input gives
+
+
+def _msda_inputs(batch=2, heads=4, dim=8, points=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in SHAPES)
+    value = torch.randn(batch, s, heads, dim, generator=g)
+    # locations well outside [0, 1] too: zeros padding must hold at every border
+    locations = torch.rand(batch, s, heads, len(SHAPES), points, 2, generator=g) * 1.6 - 0.3
+    weights = torch.rand(batch, s, heads, len(SHAPES), points, generator=g)
+    return value, locations, weights
+
+
+def test_deform_conv_flavour_equals_the_reference_eagerly():
+    value, locations, weights = _msda_inputs()
+    reference = msda_grid_sample(value, SHAPES, locations, weights)
+    with flavour("deform_conv", 19):
+        out = msda_deform_conv(value, SHAPES, locations, weights)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    # and the gather flavour, which the deform_conv one must not be confused with, agrees as well
+    torch.testing.assert_close(msda_gather(value, SHAPES, locations, weights), reference, atol=1e-5, rtol=0)
+
+
+def test_onnxruntime_deform_conv_kernel_equals_the_reference(tmp_path):
+    """The exported DeformConv nodes, run by onnxruntime's own kernel, at a batch other than the traced one."""
+    value, locations, weights = _msda_inputs()
+
+    class MSDA(torch.nn.Module):
+        def forward(self, v, loc, w):
+            return msda_deform_conv(v, SHAPES, loc, w)
+
+    path = tmp_path / "msda.onnx"
+    axes = {name: {0: "batch"} for name in ("v", "loc", "w")}
+    with flavour("deform_conv", 19), torch.no_grad():
+        torch.onnx.export(MSDA(), (value, locations, weights), str(path), dynamo=False, opset_version=19,
+                          input_names=list(axes), dynamic_axes=axes)  # fmt: skip
+    graph = onnx.load(str(path))
+    nodes = [n for n in graph.graph.node if n.op_type == "DeformConv"]
+    assert len(nodes) == len(SHAPES) and not any(n.domain for n in nodes)  # standard ONNX, one per level
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (2, 3):
+        v, loc, w = _msda_inputs(batch=batch, seed=batch)
+        (got,) = sess.run(None, {"v": v.numpy(), "loc": loc.numpy(), "w": w.numpy()})
+        np.testing.assert_allclose(got, msda_grid_sample(v, SHAPES, loc, w).numpy(), atol=1e-5, rtol=0)
+
+
+def test_sampling_canvas_holds_every_query_and_level():
+    for queries, shapes in [(3024, [(12, 12), (24, 24), (48, 48)]), (10752, [(16, 32), (32, 64), (64, 128)]),
+                            (1, [(1, 1)]), (280, SHAPES)]:  # fmt: skip
+        oh, ow = sampling_canvas(queries, shapes)
+        assert oh * ow >= queries
+        assert oh >= max(h for h, _ in shapes) and ow >= max(w for _, w in shapes)
+        assert max(oh, ow) <= max(2 * int(np.sqrt(queries)) + 1, *[max(s) for s in shapes])  # near square
+    assert sampling_canvas(3024, [(12, 12), (24, 24), (48, 48)]) == (55, 55)
+
+
+def test_deform_conv_export_matches_torch_and_needs_static_size(tmp_path):
+    model = decisive_model()
+    path = export_onnx(model, tmp_path / "m.onnx", height=64, width=96, msda="deform_conv")
+    graph = onnx.load(str(path))
+    assert sum(n.op_type == "DeformConv" for n in graph.graph.node) == 3 * model.config.encoder_layers
+    assert not any(n.op_type == "GridSample" for n in graph.graph.node)
+    assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 19
+    sess = session(path, "deform_conv")
+    x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))  # batch 3: the batch stays dynamic
+    got = sess.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        ref = model(x)
+    np.testing.assert_allclose(got[0], ref.class_queries_logits.numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got[1], ref.masks_queries_logits.numpy(), atol=1e-2, rtol=0)
+    with pytest.raises(InputError, match="needs a static size"):
+        export_onnx(model, tmp_path / "d.onnx", height=64, width=64, msda="deform_conv", dynamic_hw=True)
+    with pytest.raises(InputError, match="needs opset 19"):
+        export_onnx(model, tmp_path / "d.onnx", height=64, width=64, msda="deform_conv", opset=17)
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def _shape_graph(batch_dim):
+    """x [batch, 3, 8, 12] -> y = Reshape(x, Concat(Shape(x)[0], prod(Shape(x)[1:4]))), the sizes taken twice."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, 3, 8, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+
+    def const(name, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                                 [len(values)], values))  # fmt: skip
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        const("i0", [0]), const("i123", [1, 2, 3]), const("start", [1]), const("end", [4]),
+        helper.make_node("Gather", ["s", "i0"], ["b"]),
+        helper.make_node("Slice", ["s", "start", "end"], ["chw"]),  # one way to take C, H, W
+        helper.make_node("Gather", ["s", "i123"], ["chw2"]),  # the other
+        helper.make_node("ReduceProd", ["chw"], ["n"], keepdims=1),
+        helper.make_node("ReduceProd", ["chw2"], ["n2"], keepdims=1),
+        helper.make_node("Concat", ["b", "n"], ["shape"], axis=0),
+        helper.make_node("Concat", ["b", "n2"], ["shape2"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape2"], ["y"]),
+    ]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_static_dims_folds_static_axes_only():
+    model = _shape_graph("batch")
+    assert fold_static_dims(model) == 2  # the two C*H*W selections; Shape (dynamic batch) and the batch Gather stay
+    kinds = {n.output[0]: n.op_type for n in model.graph.node}
+    assert kinds["chw"] == kinds["chw2"] == "Constant" and kinds["b"] == "Gather" and kinds["s"] == "Shape"
+    folded = next(n for n in model.graph.node if n.output[0] == "chw")
+    assert onnx.numpy_helper.to_array(folded.attribute[0].t).tolist() == [3, 8, 12]
+    sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):  # still any batch
+        x = np.random.default_rng(0).standard_normal((batch, 3, 8, 12), dtype=np.float32)
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], x.reshape(batch, -1))
+    static = _shape_graph(2)
+    assert fold_static_dims(static) == 4  # everything is known: the Shape and the batch too
+    assert not any(n.op_type == "Shape" for n in static.graph.node)
+
+
+def test_exported_graph_has_no_run_time_position_embeddings(tmp_path):
+    """Static size, dynamic batch: the sine embeddings and shifted-window masks are constants of the graph."""
+    path = export_onnx(decisive_model(), tmp_path / "m.onnx", height=64, width=64)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & {"Sin", "Cos", "Range"}
+    dynamic = export_onnx(decisive_model(), tmp_path / "d.onnx", height=64, width=64, dynamic_hw=True)
+    assert {"Sin", "Cos"} <= {n.op_type for n in onnx.load(str(dynamic)).graph.node}  # sizes live: computed
+
+
+def test_attention_size_masks_equal_full_size_masks():
+    """The exporter's order (resize the features, then the product) gives transformers' logits and masks."""
+    model = Mask2Former.random(tiny_config(), seed=3)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+        with inference_graph(model):
+            assert model.model.transformer_module.low_res_attention_masks
+            fast = model(x)
+            aux = model(x, output_auxiliary_logits=True)  # auxiliary logits keep every full-size mask
+    assert not model.model.transformer_module.low_res_attention_masks  # restored
+    torch.testing.assert_close(fast.class_queries_logits, reference.class_queries_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast.masks_queries_logits, reference.masks_queries_logits, atol=1e-4, rtol=0)
+    assert len(aux.auxiliary_logits) == model.config.decoder_layers - 1
+
+
+def test_cross_attention_mask_is_additive_in_the_graph(tmp_path):
+    """No Where broadcast over the heads axis (onnxruntime's is ~15x slower than its Add)."""
+    path = export_onnx(decisive_model(), tmp_path / "m.onnx", height=64, width=64)
+    graph = onnx.load(str(path))
+    shapes = {v.name: v for v in onnx.shape_inference.infer_shapes(graph).graph.value_info}
+    for node in graph.graph.node:
+        if node.op_type == "Where" and "/cross_attn/" in node.name:
+            out = shapes.get(node.output[0])
+            assert out is None or len(out.type.tensor_type.shape.dim) != 4 or \
+                out.type.tensor_type.shape.dim[1].dim_value in (0, 1), node.name  # fmt: skip
+
+
+def test_session_options():
+    options = session_options(onnxruntime, threads=2)
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+    assert options.intra_op_num_threads == 2
+    fp16 = session_options(onnxruntime, precision="fp16")  # its NCHWc bug: see session_options
+    assert fp16.get_session_config_entry("optimization.disable_specified_optimizers") == "NchwcTransformer"
