@@ -4,16 +4,16 @@
 
 Writes a held-out synthetic dataset (seed 2: neither the training data, seed 0, nor the validation used while
 training, seed 1), calibration images (seed 3), exports the three ONNX variants with ``m2f-export``, runs
-``m2f-validate`` on each (PQ, mIoU, mask AP, agreement with PyTorch) and ``m2f-bench`` (model-only latency on
-onnxruntime CPU, and PyTorch eager for the first row), and prints a markdown table for benchmarks/RESULTS.md.
-Everything runs through the installed commands, the way a user would run them.
+``m2f-validate`` on each (PQ, mIoU, mask AP, agreement with PyTorch), times the model alone (``m2f-bench`` for
+PyTorch eager; the three graphs on onnxruntime CPU in alternating rounds in one process, through m2f-bench's
+``run_rows``), and prints a markdown table for benchmarks/RESULTS.md. The exports and the validation run through
+the installed commands, the way a user would run them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,6 +21,12 @@ import time
 from pathlib import Path
 
 HELD_OUT_SEED, CALIBRATION_SEED = 2, 3
+
+
+def cpu_name() -> str:
+    from m2f_deploy.bench import machine
+
+    return machine()["cpu"]
 
 
 def cli(*args: str) -> None:
@@ -34,7 +40,12 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration images for int8 (default: 32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30, help="timed runs of the latency rows")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the ONNX latency rows (default 3)")
     ap.add_argument("--work", type=Path, default=None, help="keep the data and graphs here (default: a temp folder)")
+    ap.add_argument("--msda", default="deform_conv",
+                    help="MSDA flavour of the fp32 and int8 exports (default: deform_conv, the CPU's)")
+    ap.add_argument("--fp16-msda", default="grid_sample",
+                    help="MSDA flavour of the fp16 export, a GPU format (default: grid_sample)")
     args = ap.parse_args()
 
     from m2f_deploy.data import write_dataset
@@ -55,10 +66,11 @@ def main() -> None:
             "ONNX int8": work / "model-int8.onnx",
         }
         common = [str(args.checkpoint), "--size", str(height), str(width), "-q"]
-        cli("m2f_deploy.cli.export", *common, "-o", str(graphs["ONNX fp32"]))
-        cli("m2f_deploy.cli.export", *common, "--fp16", "-o", str(graphs["ONNX fp16"]))
+        cli("m2f_deploy.cli.export", *common, "--msda", args.msda, "-o", str(graphs["ONNX fp32"]))
+        cli("m2f_deploy.cli.export", *common, "--msda", args.fp16_msda, "--fp16", "-o", str(graphs["ONNX fp16"]))
         cli(
-            "m2f_deploy.cli.export", *common, "--int8", "--calib", str(calib / "images"), "-o", str(graphs["ONNX int8"])
+            "m2f_deploy.cli.export", *common, "--msda", args.msda, "--int8", "--calib", str(calib / "images"), "-o",
+            str(graphs["ONNX int8"]),
         )
 
         rows = {}
@@ -72,14 +84,18 @@ def main() -> None:
         cli("m2f_deploy.cli.bench", str(args.checkpoint), "--size", str(height), str(width), "--backends", "torch",
             "--runs", str(args.runs), "--threads", str(args.threads), "--json", str(bench), "-q")  # fmt: skip
         latency["PyTorch fp32"] = json.loads(bench.read_text())["rows"][0]
-        for name, graph in graphs.items():
-            cli("m2f_deploy.cli.bench", str(graph), "--backends", "cpu", "--runs", str(args.runs), "--threads",
-                str(args.threads), "--json", str(bench), "-q")  # fmt: skip
-            latency[name] = json.loads(bench.read_text())["rows"][0]
+        # the three graphs in one process, in alternating rounds: on a VM whose speed drifts, one after the other
+        # would compare them at different speeds
+        from m2f_deploy.bench import Target, run_rows
 
+        rows_by_precision = run_rows(Target(onnx={name.split()[-1]: path for name, path in graphs.items()},
+                                            height=height, width=width), ["cpu"], [1], runs=args.runs,
+                                     threads=args.threads, rounds=args.rounds)  # fmt: skip
+        for row in rows_by_precision:
+            latency[f"ONNX {row.precision}"] = row.__dict__
     print(f"{args.checkpoint} on {args.images} held-out synthetic images ({height}x{width}, seed {HELD_OUT_SEED}); "
-          f"latency: model only, batch 1, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+          f"--msda {args.msda} (fp16: {args.fp16_msda}); latency: model only, batch 1, {args.threads} threads, "
+          f"{cpu_name()}, {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
     print("| variant | PQ | PQ things | PQ stuff | mIoU | mask AP | agreement with PyTorch (pixels, segments) "
           "| CPU latency p50 ms | vs fp32 ONNX |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")

@@ -36,6 +36,7 @@ RUNTIME_BACKENDS = ("cpu", "cuda", "ort-tensorrt", "tensorrt")
 ALL_BACKENDS = TORCH_BACKENDS + RUNTIME_BACKENDS
 DEFAULT_BACKENDS = tuple(b for b in ALL_BACKENDS if b != "torch-compile")
 IMAGE_SIZE = (480, 640)  # end-to-end: a 640x480 image, results at its size
+TASKS = ("semantic", "instance", "panoptic")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Row:
     precision: str
     batch: int
     mode: str  # "model" or "end-to-end"
+    task: str = ""  # end-to-end rows: semantic | instance | panoptic
     status: str = "ok"  # ok | skipped | failed
     reason: str = ""
     device: str = ""
@@ -85,12 +87,29 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
-def matmul_gflops(threads: int | None, size: int = 2048, runs: int = 5) -> float:
-    """Measured float32 matmul GFLOP/s (numpy's BLAS): the roofline the rows are compared with."""
+def matmul_gflops(threads: int | None, size: int = 2048, runs: int = 5) -> dict[str, float]:
+    """Measured float32 matmul GFLOP/s of each BLAS at hand (numpy's; torch's when torch is imported).
+
+    The roofline the rows are compared with is the best of them: a share against a slow BLAS would flatter every
+    row (on one 2-core Xeon, numpy's OpenBLAS did 126 GFLOP/s and torch's MKL 248).
+    """
+    import sys
+
     a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    a @ a
-    best = min(_timed_once(lambda: a @ a) for _ in range(runs))
-    return 2 * size**3 / best / 1e9
+    products = {"numpy": lambda: a @ a}
+    if "torch" in sys.modules:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        t = torch.from_numpy(a)
+        products["torch"] = lambda: t @ t
+    rates = {}
+    for name, product in products.items():
+        product()
+        best = min(_timed_once(product) for _ in range(runs))
+        rates[name] = 2 * size**3 / best / 1e9
+    return rates
 
 
 def _timed_once(fn: Callable[[], Any]) -> float:
@@ -132,6 +151,7 @@ class Target:
     height: int = 384
     width: int = 384
     gflop: float | None = None  # per image, at height x width
+    msda: str = ""  # the MSDA flavour of the exported graphs
 
 
 def run_rows(
@@ -143,47 +163,65 @@ def run_rows(
     warmup: int = 3,
     threads: int | None = None,
     end_to_end: bool = False,
-    task: str = "panoptic",
+    tasks: Sequence[str] = ("panoptic",),
+    rounds: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Every (backend, precision, batch) row, model-only, and end-to-end too with ``end_to_end``."""
-    rows = []
-    modes = ["model"] + (["end-to-end"] if end_to_end else [])
+    """Every (backend, precision, batch) row, model-only, and end-to-end (one row per task) with ``end_to_end``.
+
+    rounds: the whole sequence of rows runs this many times, each row set up afresh and warmed up each time, and
+    its ``runs`` timed runs are spread over the rounds. On a machine whose speed drifts (a shared VM: two minutes
+    apart, the same matmul ran at 126 and at 240 GFLOP/s here), one pass compares rows measured at different
+    speeds; rounds give every row samples from the whole benchmark's duration.
+    """
+    modes = [("model", "")] + ([("end-to-end", task) for task in tasks] if end_to_end else [])
+    plan = []
     for backend in backends:
         precisions = ["fp32"] if backend in TORCH_BACKENDS or backend == "tensorrt" else list(target.onnx) or ["fp32"]
         for precision in precisions:
-            for mode in modes:
-                for batch in batches if mode == "model" else [1]:
-                    row = Row(backend, precision, batch, mode)
-                    if progress:
-                        progress(f"{backend} {precision} {mode} batch {batch}")
-                    try:
-                        with _PeakMemory() as peak:
-                            _run_row(row, target, runs=runs, warmup=warmup, threads=threads, task=task)
-                        if row.status == "ok":
-                            row.peak_host_mb = peak.mb
-                    except M2FError as e:
-                        row.status, row.reason = "skipped", str(e).splitlines()[0]
-                    except Exception as e:  # noqa: BLE001  a backend's own failure is a row, not a crash
-                        row.status, row.reason = (
-                            "failed",
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                        )
-                    rows.append(row)
-    return rows
+            for mode, task in modes:
+                plan += [Row(backend, precision, batch, mode, task) for batch in (batches if mode == "model" else [1])]
+    seconds: dict[int, list[float]] = {i: [] for i in range(len(plan))}
+    stages: dict[int, dict[str, float]] = {i: {} for i in range(len(plan))}
+    share = [runs // rounds + (r < runs % rounds) for r in range(rounds)]  # timed runs per round, summing to runs
+    for round_runs in share:
+        for i, row in enumerate(plan):
+            if row.status != "ok" or not round_runs:
+                continue
+            if progress:
+                progress(f"{row.backend} {row.precision} {row.mode} {row.task} batch {row.batch}".replace("  ", " "))
+            try:
+                with _PeakMemory() as peak:
+                    times, row_stages = _run_row(row, target, runs=round_runs, warmup=warmup, threads=threads)
+                seconds[i] += times
+                for k, v in row_stages.items():
+                    stages[i][k] = stages[i].get(k, 0.0) + v
+                row.peak_host_mb = max(row.peak_host_mb or 0.0, peak.mb or 0.0)
+            except M2FError as e:
+                row.status, row.reason = "skipped", str(e).splitlines()[0]
+            except Exception as e:  # noqa: BLE001  a backend's own failure is a row, not a crash
+                row.status, row.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for i, row in enumerate(plan):
+        if row.status == "ok":
+            summarize(row, seconds[i])
+            row.stages_ms = {k: 1000 * v / row.runs for k, v in stages[i].items()}
+        else:
+            row.peak_host_mb = None
+    return plan
 
 
-def _run_row(row: Row, target: Target, *, runs: int, warmup: int, threads: int | None, task: str) -> None:
+def _run_row(
+    row: Row, target: Target, *, runs: int, warmup: int, threads: int | None
+) -> tuple[list[float], dict[str, float]]:
+    """Set the row's backend up, warm it up, time ``runs`` runs: -> seconds per run, seconds per stage in all."""
     if row.backend in TORCH_BACKENDS:
-        fn, stages = _torch_runner(row, target, threads, task)
+        fn, stages = _torch_runner(row, target, threads, row.task)
     else:
-        fn, stages = _runtime_runner(row, target, threads, task)
+        fn, stages = _runtime_runner(row, target, threads, row.task)
     for _ in range(warmup):
         fn()
     stages.clear()
-    seconds = [_timed_once(fn) for _ in range(runs)]
-    summarize(row, seconds)
-    row.stages_ms = {k: 1000 * v / runs for k, v in stages.items()}
+    return [_timed_once(fn) for _ in range(runs)], dict(stages)
 
 
 def _image() -> Any:
@@ -204,6 +242,9 @@ def _runtime_runner(row: Row, target: Target, threads: int | None, task: str) ->
     else:
         if row.precision not in target.onnx:
             raise InputError(f"no {row.precision} ONNX file to run")
+        if row.precision == "int8" and row.backend != "cpu":
+            raise InputError("the int8 graph is quantized for onnxruntime CPU (m2f-export --int8-target tensorrt "
+                             "makes one for TensorRT)")  # fmt: skip
         artifact = target.onnx[row.precision]
     segmenter = Segmenter(artifact, row.backend, threads=threads, batch_size=row.batch)
     row.device = segmenter.description
@@ -266,17 +307,9 @@ def _transformers_model(target: Target) -> Any:
         import transformers
     except ImportError:
         raise InputError("transformers is not installed") from None
-    if target.checkpoint is not None:
-        return transformers.Mask2FormerForUniversalSegmentation.from_pretrained(target.checkpoint).eval()
-    hf = transformers.Mask2FormerForUniversalSegmentation(
-        transformers.Mask2FormerConfig(**target.model.config.to_dict())
-    )
-    missing, unexpected = hf.load_state_dict(target.model.state_dict(), strict=False)
-    if unexpected or any("relative_position_index" not in k and "empty_weight" not in k for k in missing):
-        raise InputError(
-            f"transformers' model does not take our weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return hf.eval()
+    if target.checkpoint is None:
+        raise InputError("needs a checkpoint folder for transformers")
+    return transformers.Mask2FormerForUniversalSegmentation.from_pretrained(target.checkpoint).eval()
 
 
 def _transformers_end_to_end(model: Any, target: Target, image: Any, task: str, stages: dict) -> Callable[[], Any]:
@@ -325,8 +358,16 @@ def prepare_target(
     fp16: bool,
     workdir: Path,
     seed: int = 0,
+    msda: str = "deform_conv",
+    int8: bool = False,
+    calibration: Sequence[Path] = (),
 ) -> Target:
-    """The benchmark target: an ``.onnx`` / ``.engine`` as it is; a checkpoint or preset exported into ``workdir``."""
+    """The benchmark target: an ``.onnx`` / ``.engine`` as it is; a checkpoint or preset exported into ``workdir``.
+
+    The exports use ``msda`` (default: ``deform_conv``, the fastest on onnxruntime CPU); ``int8`` adds an INT8
+    graph for onnxruntime CPU, calibrated on ``calibration`` (default: 8 synthetic images; a preset's random
+    weights make any calibration as good as another for latency).
+    """
     if source is not None and str(source).endswith((".onnx", ".engine")):
         path = Path(source)
         if not path.is_file():
@@ -346,17 +387,31 @@ def prepare_target(
         from m2f_deploy.modeling import Mask2Former
         from m2f_deploy.presets import preset_config
 
-        model, checkpoint = Mask2Former.random(preset_config(preset), seed=seed), None
+        from m2f_deploy.checkpoints import save_checkpoint
+
+        model = Mask2Former.random(preset_config(preset), seed=seed)
+        # transformers reads the same weights from the Hugging Face format on disk (its in-memory names differ)
+        checkpoint = save_checkpoint(model, workdir / "preset-checkpoint")
     else:
         from m2f_deploy import load_model
 
         model, checkpoint = load_model(source), Path(source)
     target = Target(model=model, checkpoint=checkpoint if checkpoint and checkpoint.is_dir() else None,
-                    height=height, width=width)  # fmt: skip
+                    height=height, width=width, msda=msda)  # fmt: skip
     for precision in ["fp32"] + (["fp16"] if fp16 else []):
         target.onnx[precision] = export_onnx(
-            model, workdir / f"model-{precision}.onnx", height=height, width=width, fp16=precision == "fp16"
+            model, workdir / f"model-{precision}.onnx", height=height, width=width, fp16=precision == "fp16", msda=msda
         )
+    if int8:
+        from m2f_deploy.export.int8 import quantize_int8
+
+        if not calibration:
+            from m2f_deploy.data import write_dataset
+
+            calibration = sorted((write_dataset(workdir / "calibration", 8, seed=3, size=(height, width)) /
+                                  "images").glob("*.png"))  # fmt: skip
+        target.onnx["int8"] = quantize_int8(target.onnx["fp32"], workdir / "model-int8.onnx", calibration,
+                                            min_agreement=0.0, target="cpu")  # fmt: skip
     target.gflop = model_gflop(model, height, width)
     return target
 
@@ -373,63 +428,89 @@ def benchmark(
     warmup: int = 3,
     threads: int | None = None,
     fp16: bool = False,
+    int8: bool = False,
+    calibration: Sequence[Path] = (),
+    msda: str = "deform_conv",
     end_to_end: bool = False,
-    task: str = "panoptic",
+    tasks: Sequence[str] = ("panoptic",),
+    rounds: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the rows and return the report: ``{"machine", "settings", "matmul_gflops", "gflop", "rows"}``."""
+    """Run the rows and return the report: ``{"machine", "settings", "matmul_gflops", "gflop", "rows", ...}``."""
     unknown = [b for b in backends if b not in ALL_BACKENDS]
     if unknown:
         from m2f_deploy.utils import did_you_mean
 
         raise InputError(f"unknown backend {unknown[0]!r}{did_you_mean(unknown[0], ALL_BACKENDS)}; "
                          f"choose from {', '.join(ALL_BACKENDS)}")  # fmt: skip
-    if runs < 1 or warmup < 0 or any(b < 1 for b in batches):
-        raise InputError("runs and batch sizes must be at least 1, warm-up at least 0")
+    if runs < 1 or warmup < 0 or any(b < 1 for b in batches) or not 1 <= rounds <= runs:
+        raise InputError("runs and batch sizes must be at least 1, warm-up at least 0, rounds from 1 to runs")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise InputError(f"unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
-        target = prepare_target(source, preset=preset, height=height, width=width, fp16=fp16, workdir=Path(tmp))
-        rate = matmul_gflops(threads)
+        target = prepare_target(source, preset=preset, height=height, width=width, fp16=fp16, workdir=Path(tmp),
+                                msda=msda, int8=int8, calibration=calibration)  # fmt: skip
+        before = matmul_gflops(threads)
         rows = run_rows(target, backends, batches, runs=runs, warmup=warmup, threads=threads, end_to_end=end_to_end,
-                        task=task, progress=progress)  # fmt: skip
+                        tasks=tasks, rounds=rounds, progress=progress)  # fmt: skip
+        after = matmul_gflops(threads)  # measured before and after the rows: the machine's speed may drift
+    rates = {name: max(rate, after.get(name, 0.0)) for name, rate in before.items()}
+    rate = max(rates.values())
     for row in rows:
-        if row.status == "ok" and row.mode == "model" and target.gflop and row.mean_ms:
+        # int8 rows have none: their products run on int8 units, which the float32 roofline does not bound
+        if row.status == "ok" and row.mode == "model" and row.precision != "int8" and target.gflop and row.mean_ms:
             row.roofline_share = target.gflop * row.batch / (row.mean_ms / 1000) / rate
     return {
         "machine": machine(),
         "settings": {"source": str(source or preset), "height": target.height, "width": target.width, "runs": runs,
-                     "warmup": warmup, "threads": threads, "task": task, "image": list(IMAGE_SIZE)},
+                     "warmup": warmup, "rounds": rounds, "threads": threads, "tasks": list(tasks),
+                     "image": list(IMAGE_SIZE),
+                     "msda": target.msda or None},
         "matmul_gflops": rate,
+        "matmul_gflops_by_library": rates,
         "gflop": target.gflop,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rows": [asdict(r) for r in rows],
     }  # fmt: skip
 
 
+def _mode(row: dict[str, Any]) -> str:
+    return f"{row['mode']} {row.get('task') or ''}".strip()
+
+
+def speedups(report: dict[str, Any]) -> dict[int, float]:
+    """Row index -> transformers' mean time over the row's (same mode, task and batch), where transformers ran."""
+    rows = report["rows"]
+    before = {(_mode(r), r["batch"]): r["mean_ms"]
+              for r in rows if r["backend"] == "transformers" and r["status"] == "ok"}  # fmt: skip
+    return {i: before[(_mode(r), r["batch"])] / r["mean_ms"] for i, r in enumerate(rows)
+            if r["status"] == "ok" and (_mode(r), r["batch"]) in before}  # fmt: skip
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A markdown table of the rows, speed-ups against transformers where it ran."""
     rows = report["rows"]
-    before = {
-        (r["mode"], r["batch"]): r["mean_ms"] for r in rows if r["backend"] == "transformers" and r["status"] == "ok"
-    }
+    speed = speedups(report)
     lines = ["| backend | precision | mode | batch | p50 ms | p90 ms | p99 ms | mean ms | img/s | vs transformers "
              "| roofline | peak host MB | stages ms (pre / inf / post) | on |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
+    for i, r in enumerate(rows):
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | {r['precision']} | {r['mode']} | {r['batch']} | {r['status']}: {r['reason']} "
+            lines.append(f"| {r['backend']} | {r['precision']} | {_mode(r)} | {r['batch']} | "
+                         f"{r['status']}: {r['reason']} "
                          "| | | | | | | | | |")  # fmt: skip
             continue
-        ref = before.get((r["mode"], r["batch"]))
-        speed = f"{ref / r['mean_ms']:.2f}x" if ref else ""
         roof = f"{r['roofline_share']:.0%}" if r["roofline_share"] is not None else ""
         st = r["stages_ms"]
         stages = " / ".join(f"{st[k]:.1f}" for k in ("preprocess", "inference", "postprocess") if k in st)
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['mode']} | {r['batch']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} "
-            f"| {r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['throughput_ips']:.2f} | {speed} | {roof} "
-            f"| {r['peak_host_mb']:.0f} | {stages} | {r['device']} |"
+            f"| {r['backend']} | {r['precision']} | {_mode(r)} | {r['batch']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} "
+            f"| {r['p99_ms']:.1f} | {r['mean_ms']:.1f} | {r['throughput_ips']:.2f} | "
+            f"{f'{speed[i]:.2f}x' if i in speed else ''} | {roof} | {r['peak_host_mb']:.0f} | {stages} "
+            f"| {r['device']} |"
         )
     return "\n".join(lines)
 
@@ -444,7 +525,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path:
     if not rows:
         raise InputError("no row ran: nothing to plot")
     font = ImageFont.load_default()
-    labels = [f"{r['backend']} {r['precision']} {r['mode']} b{r['batch']}" for r in rows]
+    labels = [f"{r['backend']} {r['precision']} {_mode(r)} b{r['batch']}" for r in rows]
     left, bar, gap, width = 230, 18, 8, 420
     picture = Image.new("RGB", (left + width + 90, 40 + len(rows) * (bar + gap)), "white")
     draw = ImageDraw.Draw(picture)

@@ -81,3 +81,29 @@ def test_summary_and_errors():
         main(["--preset", "swin-tiny-coco-panoptic", "--backends", "onnxruntime"])
     with pytest.raises(InputError, match="nope.onnx: no such file"):
         main(["nope.onnx"])
+
+
+def test_bench_int8_rows_and_several_tasks(checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    assert main([str(checkpoint), "--size", "64", "64", "--backends", "cpu,cuda", "--int8", "--end-to-end", "--task",
+                 "semantic", "panoptic", "--runs", "3", "--rounds", "2", "--warmup", "0", "--json", str(out),
+                 "-q"]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["settings"]["rounds"] == 2
+    assert all(r["runs"] == 3 for r in report["rows"] if r["status"] == "ok")  # 2 + 1 over the two rounds
+    assert report["settings"]["msda"] == "deform_conv" and report["settings"]["tasks"] == ["semantic", "panoptic"]
+    assert {"numpy", "torch"} <= set(report["matmul_gflops_by_library"])  # torch is loaded: both are measured
+    assert report["matmul_gflops"] == max(report["matmul_gflops_by_library"].values())
+    cpu_rows = [r for r in report["rows"] if r["backend"] == "cpu"]
+    ran = {(r["precision"], r["mode"], r["task"]) for r in cpu_rows if r["status"] == "ok"}
+    for precision in ("fp32", "int8"):
+        assert {(precision, "model", ""), (precision, "end-to-end", "semantic"),
+                (precision, "end-to-end", "panoptic")} <= ran  # fmt: skip
+    shares = {r["precision"]: r["roofline_share"] for r in cpu_rows if r["mode"] == "model"}
+    assert 0 < shares["fp32"] < 1 and shares["int8"] is None  # int8 products are not bound by the float32 roofline
+    if "cuda" not in available_backends():
+        assert all(r["status"] == "skipped" for r in report["rows"] if r["backend"] == "cuda")
+    with pytest.raises(InputError, match="--calib is for --int8"):
+        main([str(checkpoint), "--calib", str(tmp_path)])
+    with pytest.raises(InputError, match="rounds from 1 to runs"):
+        main([str(checkpoint), "--runs", "2", "--rounds", "3"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from m2f_deploy.cli.common import Parser, height_width, run, setup_logging
+from m2f_deploy.errors import InputError
 
 log = logging.getLogger("m2f_deploy.cli")
 
@@ -40,8 +41,17 @@ def build_parser() -> Parser:
     )
     p.add_argument("--runs", type=int, default=20, help="timed runs per row (default: 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole sequence of rows this many times, the timed runs spread over them: rows "
+                        "compare fairly on a machine whose speed drifts (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: theirs)")
     p.add_argument("--fp16", action="store_true", help="also export and run an fp16 ONNX graph")
+    p.add_argument("--int8", action="store_true",
+                   help="also quantize and run an INT8 graph on onnxruntime CPU (calibrated on --calib, or on 8 "
+                        "synthetic images)")
+    p.add_argument("--calib", type=Path, metavar="DIR", help="calibration images for --int8")
+    p.add_argument("--msda", default="deform_conv",
+                   help="MSDA flavour of the exported graphs (default: deform_conv, the fastest on CPU)")
     p.add_argument(
         "--end-to-end",
         action="store_true",
@@ -49,9 +59,10 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--task",
-        default="panoptic",
+        nargs="+",
+        default=["panoptic"],
         choices=("semantic", "instance", "panoptic"),
-        help="the end-to-end task (default: panoptic)",
+        help="the end-to-end tasks, one row each (default: panoptic)",
     )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart here")
@@ -72,15 +83,24 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"m2f-bench: {what} ...", file=sys.stderr, flush=True)
 
+    calibration = []
+    if args.calib:
+        if not args.int8:
+            raise InputError("--calib is for --int8")
+        from m2f_deploy.runtime.images import find_images
+
+        calibration = find_images([args.calib])
     report = benchmark(
         args.target, preset=args.preset, backends=backends, batches=args.batch, height=height, width=width,
-        runs=args.runs, warmup=args.warmup, threads=args.threads, fp16=args.fp16, end_to_end=args.end_to_end,
-        task=args.task, progress=progress,
+        runs=args.runs, warmup=args.warmup, rounds=args.rounds, threads=args.threads, fp16=args.fp16, int8=args.int8,
+        calibration=calibration, msda=args.msda, end_to_end=args.end_to_end, tasks=args.task, progress=progress,
     )  # fmt: skip
     m = report["machine"]
     gflop = f"{report['gflop']:.3g} GFLOP/image, " if report["gflop"] else ""
     print(f"{report['settings']['source']} at {report['settings']['height']}x{report['settings']['width']}: {gflop}"
-          f"matmul {report['matmul_gflops']:.0f} GFLOP/s; {m['cpu']}, {m['cores']} cores, "
+          f"matmul {report['matmul_gflops']:.0f} GFLOP/s (best of "
+          f"{', '.join(f'{k} {v:.0f}' for k, v in report['matmul_gflops_by_library'].items())}); "
+          f"{m['cpu']}, {m['cores']} cores, "
           f"threads {args.threads or 'default'}, {report['date']}\n")  # fmt: skip
     print(format_table(report))
     if args.json:
