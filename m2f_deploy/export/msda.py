@@ -19,10 +19,9 @@ TorchScript symbolic and an onnxscript translation for the dynamo exporter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +185,14 @@ def _deform_pads(h: int, w: int, oh: int, ow: int, points: int) -> list[int]:
     return [top, left, oh - h - top, ow - w + points - 1 - left]
 
 
+def _base_positions(oh: int, ow: int, points: int, pads: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """[P, 2 (y, x), OH*OW]: where DeformConv puts tap ``k`` of output ``o`` before adding the offsets."""
+    o = torch.arange(oh * ow)
+    y = (o // ow - pads[0]).expand(points, -1)
+    x = o % ow - pads[1] + torch.arange(points)[:, None]
+    return torch.stack([y, x], 1).to(dtype)
+
+
 def msda_deform_conv(
     value: Tensor, spatial_shapes: Sequence[tuple], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
@@ -210,14 +217,13 @@ def msda_deform_conv(
     locations = F.pad(locations.reshape(-1, m, levels, points, 2, lq).transpose(1, 2).flip(4), (0, extra))
     weights = attention_weights.reshape(-1, lq, m * levels * points).transpose(1, 2)
     weights = F.pad(weights.reshape(-1, m, levels, points, lq).transpose(1, 2), (0, extra))  # [N, L, M, P, OH*OW]
-    oy, ox = torch.arange(oh * ow) // ow, torch.arange(oh * ow) % ow
     out = None
     start = 0
     for level, (h, w) in enumerate(shapes):
         pads = _deform_pads(h, w, oh, ow, points)
-        base = torch.stack([(oy - pads[0]).expand(points, -1), ox - pads[1] + torch.arange(points)[:, None]], 1)
+        base = _base_positions(oh, ow, points, pads, value.dtype)
         to_pixels = torch.tensor([[h], [w]], dtype=value.dtype)  # (y, x) rows
-        offsets = locations[:, level] * to_pixels - (base.to(value.dtype) + 0.5)  # [N, M, P, 2, OH*OW]
+        offsets = locations[:, level] * to_pixels - (base + 0.5)  # [N, M, P, 2, OH*OW]
         maps = value[:, start : start + h * w].reshape(-1, h, w, m * d).permute(0, 3, 1, 2)
         sampled = deform_sample(
             maps, offsets.reshape(-1, m * points * 2, oh, ow), weights[:, level].reshape(-1, m * points, oh, ow),
@@ -247,11 +253,8 @@ def _deform_eager(
     n, c, h, w = maps.shape
     oh, ow = offsets.shape[-2:]
     g = offset_group
-    offsets = offsets.reshape(n, g, points, 2, oh * ow)
-    oy = (torch.arange(oh * ow) // ow - pads[0]).to(maps.dtype)
-    ox = (torch.arange(oh * ow) % ow - pads[1])[None, :] + torch.arange(points)[:, None]
-    y = offsets[:, :, :, 0] + oy  # [N, G, P, OH*OW], pixels
-    x = offsets[:, :, :, 1] + ox.to(maps.dtype)
+    positions = offsets.reshape(n, g, points, 2, oh * ow) + _base_positions(oh, ow, points, pads, maps.dtype)
+    y, x = positions[:, :, :, 0], positions[:, :, :, 1]  # [N, G, P, OH*OW], pixels
     grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], -1).transpose(2, 3)  # [N, G, OH*OW, P, 2]
     sampled = F.grid_sample(
         maps.reshape(n * g, c // g, h, w), grid.reshape(n * g, oh * ow, points, 2),

@@ -51,9 +51,7 @@ def _shape_of(node: onnx.NodeProto, dims: list[int | None]) -> list[int | None]:
 
 
 def _folded(node: onnx.NodeProto, shapes: dict[str, list], constants: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The constant value of ``node``'s output, when it only reads static axes of a Shape."""
-    if node.op_type == "Shape":
-        return None  # folded through its consumers, or below when every axis is static
+    """The constant value of a Gather / Slice ``node``'s output, when it only reads static axes of a Shape."""
     source = shapes.get(node.input[0]) if node.input else None
     if source is None:
         return None
@@ -69,10 +67,8 @@ def _folded(node: onnx.NodeProto, shapes: dict[str, list], constants: dict[str, 
         picked = np.asarray(source, dtype=object)[int(starts[0]) : int(min(ends[0], 2**31)) : int(steps[0])]
     else:
         return None
-    flat = np.asarray(picked, dtype=object).reshape(-1)
-    if any(v is None for v in flat):
-        return None
-    return np.asarray(picked, dtype=object).astype(np.int64)
+    picked = np.asarray(picked, dtype=object)
+    return None if any(v is None for v in picked.reshape(-1)) else picked.astype(np.int64)
 
 
 def fold_static_dims(model: onnx.ModelProto) -> int:

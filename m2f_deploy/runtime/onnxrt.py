@@ -60,7 +60,7 @@ def session_options(ort: Any, threads: int | None = None, *, precision: str = "f
     if precision == "fp16":
         # onnxruntime 1.32's NCHWc layout transformer (level ALL) gave wrong logits on an fp16 graph with folded
         # static sizes, at batch 1 only: max error 0.69 on the shipped demo checkpoint, 0.005 without it. fp16 on
-        # CPU is a check, not a speed target: without the transformer it ran no slower.
+        # CPU is a check, not a speed target.
         options.add_session_config_entry("optimization.disable_specified_optimizers", "NchwcTransformer")
     if threads:
         options.intra_op_num_threads = threads
