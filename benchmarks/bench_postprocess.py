@@ -4,9 +4,11 @@
     .venv/bin/python benchmarks/bench_postprocess.py --repeats 31 --target 480 640 --rounds 5
 
 One image, 100 queries, 133 classes, mask logits 96x128, target size 480x640 (height x width), default
-thresholds. Two kinds of logits (``m2f_deploy.processing.synthetic``): "scene" looks like a trained model's
+thresholds. Three kinds of logits (``m2f_deploy.processing.synthetic``): "scene" looks like a trained model's
 output (stuff regions, overlapping objects, segments found); "noise" is standard-normal (nothing passes a
-threshold, so instance and panoptic are trivial for us, and semantic has a boundary at nearly every pixel).
+threshold, so instance and panoptic are trivial for us, and semantic has a boundary at nearly every pixel);
+"untrained" looks like a random-weight model's (the same class leads everywhere by a small margin: semantic is
+mostly decided from bounds, but in this seed's image the two best classes nearly tie and it goes exact).
 Each implementation runs ``--repeats`` times after a warm-up, in its own block with a pause before it, so that
 neither runs while the other's thread pool (torch's OpenMP, numpy's OpenBLAS) is still busy-waiting. The
 blocks alternate ``--rounds`` times (ours, theirs, ours, ...), so that a change of load on the machine hits
@@ -55,7 +57,7 @@ def main() -> None:
     target = [tuple(args.target)]
     load_before = os.getloadavg()[0]
     rows = []
-    for kind in ("scene", "noise"):
+    for kind in ("scene", "noise", "untrained"):
         outputs = synthetic_outputs(num_queries=args.queries, num_classes=args.classes, kind=kind, seed=0)
         as_torch = SimpleNamespace(**{k: torch.from_numpy(v) for k, v in outputs.items()})
         for task, kwargs in TASKS.items():

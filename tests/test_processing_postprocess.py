@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing import WORKING_SIZE, ImageProcessor
+from m2f_deploy.processing import WORKING_SIZE, ImageProcessor, postprocess
 from m2f_deploy.processing.synthetic import synthetic_outputs
 
 transformers.logging.set_verbosity_error()
@@ -28,6 +28,10 @@ SCENE = synthetic_outputs(batch=2, num_queries=60, num_classes=133, kind="scene"
 SCENE_FEW_CLASSES = synthetic_outputs(batch=2, num_queries=60, num_classes=19, kind="scene", objects=14, seed=2)
 NOISE = synthetic_outputs(batch=2, num_queries=60, num_classes=133, kind="noise", seed=3)
 OUTPUTS = {"scene": SCENE, "scene-19-classes": SCENE_FEW_CLASSES, "noise": NOISE}
+# A random-weight model's outputs: the same class leads everywhere by a small margin. Bounds per logit window
+# decide the first image, pairwise bounds per window the third; in the second the two best classes nearly tie, and
+# its working grid is computed exactly.
+UNTRAINED = synthetic_outputs(batch=3, num_queries=100, num_classes=133, mask_size=(96, 96), kind="untrained", seed=18)
 
 
 def _torch(outputs: dict) -> SimpleNamespace:
@@ -65,6 +69,19 @@ def test_semantic_matches_transformers(name, target_sizes):
         assert mine.shape == tuple(expected) and mine.dtype == np.int64
         assert (mine == hf.numpy()).mean() >= 0.999
         assert len(np.unique(mine)) > 2  # a real segmentation, not one class everywhere
+
+
+@pytest.mark.parametrize("target_sizes", [None, TARGETS + [(480, 640)]], ids=["working-grid", "targets"])
+def test_semantic_on_untrained_outputs_matches_transformers(monkeypatch, target_sizes):
+    exact = []
+    original = postprocess._semantic_labels_exact
+    monkeypatch.setattr(postprocess, "_semantic_labels_exact", lambda *args: exact.append(args) or original(*args))
+    ours = OURS.post_process_semantic_segmentation(UNTRAINED, target_sizes=target_sizes)
+    theirs = HF.post_process_semantic_segmentation(_torch(UNTRAINED), target_sizes=target_sizes)
+    for mine, hf in zip(ours, theirs):
+        assert mine.shape == tuple(hf.shape) and mine.dtype == np.int64
+        assert (mine == hf.numpy()).mean() >= 0.999
+    assert len(exact) == 1  # the second image only
 
 
 def test_semantic_scores_match_transformers():

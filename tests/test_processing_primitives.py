@@ -12,6 +12,8 @@ from m2f_deploy.processing.resize import (
     bilinear,
     bilinear_cropped,
     nearest,
+    product,
+    resize_in_strips,
     resize_maps,
     sample_maps,
 )
@@ -67,6 +69,36 @@ def test_cropped_resampling_is_upsample_then_crop_then_resize():
     ours = resize_maps(maps, bilinear_cropped(24, 96, 70, 50), bilinear_cropped(32, 128, 101, 60))
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
     assert bilinear_cropped(24, 96, 96, 50) is bilinear(24, 50)  # no padding: plain resampling
+
+
+def test_strips_make_up_the_resized_maps():
+    rng = np.random.default_rng(4)
+    maps = rng.normal(0, 3, (40, 24, 32)).astype(np.float32)
+    for rows, cols in [(bilinear(24, 384), bilinear(32, 384)), (bilinear_cropped(24, 96, 70, 50), bilinear(32, 384))]:
+        for threads in (1, 2):
+            out = np.full((40, rows.n_out, cols.n_out), np.nan, np.float32)
+            seen = []
+
+            def each(part, strip, out=out, seen=seen):
+                seen.append(part.start)
+                out[:, part] = strip
+
+            resize_in_strips(maps, rows, cols, each, threads)
+            np.testing.assert_array_equal(out, resize_maps(maps, rows, cols))
+            assert len(seen) > 1 and len(set(seen)) == len(seen)  # several strips, each once
+
+
+@pytest.mark.parametrize(("s", "m", "n"), [(133, 100, 9216), (5, 3, 1000), (1, 1, 1), (7, 60, 0)])
+def test_product_equals_matmul_also_into_columns(s, m, n):
+    rng = np.random.default_rng(5)
+    left, right = rng.random((s, m), np.float32), rng.random((m, n), np.float32)
+    expected = left.astype(np.float64) @ right
+    np.testing.assert_allclose(product(left, right), expected, rtol=1e-5)
+    np.testing.assert_allclose(product(left.T.copy().T, right), expected, rtol=1e-5)  # a transposed view
+    wide = np.zeros((s, n + 9), np.float32)
+    assert product(left, right, out=wide[:, 4 : 4 + n]).base is wide
+    np.testing.assert_allclose(wide[:, 4 : 4 + n], expected, rtol=1e-5)
+    assert not wide[:, :4].any() and not wide[:, 4 + n :].any()
 
 
 def _dense_argmax(scores: np.ndarray, grid: CellGrid) -> np.ndarray:

@@ -31,10 +31,14 @@ How the work is cut without changing results:
   segmentation are taken per window, a cell being decided when the windows that its corners read agree by a
   margin; exact working-grid values are computed only at the pixels that the undecided cells read.
 * Semantic: queries that add little to any class anywhere ("minor") and classes that cannot come near the
-  strongest ("weak") enter through bounds only; per window, minor queries are bounded over tiles of windows
-  (taken from the logits directly), and at the pixels of undecided cells by their own windows, next to the
-  exact major queries. Exact scores of every query are computed only where those bounds do not decide.
-  Without minor queries (e.g. noise), the major queries are resized whole.
+  strongest, or score less everywhere than another scores anywhere ("weak"), enter through bounds only; per
+  window, minor queries are bounded over tiles of windows (taken from the logits directly), and at the pixels of
+  undecided cells by their own windows, next to the exact major queries. Where a window's bounds do not decide,
+  the leader's lead over each other class is bounded directly, which only pays for the queries where the two
+  classes differ (tight when all queries favour the same classes, as a random-weight model's do). Exact scores
+  of every query are computed only where those bounds do not decide. When a sample of windows shows that their
+  bounds decide little (e.g. noise), the strong classes' scores are computed on the whole working grid instead,
+  strip by strip (resize, sigmoid, product, on two threads), so that the mask probabilities are never held whole.
 * Panoptic: the weighted probabilities of the kept queries are bounded per window likewise. The segment test
   needs, per query, the pixels it owns (exact, from the owner map) and the pixels where it reaches
   ``mask_threshold``: the latter are bounded from the windows, then from the exact values at the corners of
@@ -65,6 +69,8 @@ from m2f_deploy.processing.resize import (
     bilinear,
     bilinear_cropped,
     nearest,
+    product,
+    resize_in_strips,
     resize_maps,
     sample_maps,
 )
@@ -85,10 +91,18 @@ _WEAK_SHARE = 0.25
 _WEAK_WINDOWED = 8
 # Semantic: minor queries are first bounded over tiles of this many logits per side.
 _TILE = 8
-# Largest class-score product (multiply-adds) computed without BLAS.
-_EINSUM_MAX = 2e8
+# Largest class-score product (multiply-adds) computed without BLAS' thread pool.
+_ONE_THREAD_MAX = 2e8
+# Semantic: bounds per window are used when they decide at least _WINDOWS_DECIDE of a sample of about
+# _SAMPLE_WINDOWS windows, else scores are computed everywhere (a speed knob: on noise they decide almost no
+# window, on a scene most).
+_SAMPLE_WINDOWS = 1024
+_WINDOWS_DECIDE = 0.5
 
 _Size = tuple[int, int]
+# Per group of queries: (query ids [k], the sigmoids of their smallest and of their largest logits [k, n'], index):
+# per logit window (index None), or per tile of windows (index: the tile of each window [n]).
+_Ranges = Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
@@ -257,6 +271,18 @@ class _WorkingGrid:
         """``[K, h, w]`` -> ``[K, 384, 384]``."""
         return resize_maps(logits, self.rows, self.cols)
 
+    def mixed_probabilities(self, weights: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """``weights.T @ sigmoid(resize(logits))``: ``[K, S]``, ``[K, h, w]`` -> ``[S, 384 * 384]``, computed strip by
+        strip (see :func:`.resize.resize_in_strips`): the mask probabilities are never held whole."""
+        left, width = np.ascontiguousarray(weights.T, np.float32), WORKING_SIZE[1]
+        out = np.empty((left.shape[0], WORKING_SIZE[0] * width), np.float32)
+
+        def each(rows: slice, strip: np.ndarray) -> None:
+            product(left, _sigmoid(strip).reshape(len(strip), -1), out=out[:, rows.start * width : rows.stop * width])
+
+        resize_in_strips(logits, self.rows, self.cols, each)
+        return out
+
     def sample(self, logits: np.ndarray, points: np.ndarray) -> np.ndarray:
         """``[K, h, w]`` at flat working-grid indices ``points`` ``[n]`` -> ``[K, n]``."""
         ys, xs = np.divmod(points, WORKING_SIZE[1])
@@ -381,8 +407,7 @@ def semantic_segmentation(
 
 
 def _semantic_dense(probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid) -> dict:
-    sig = _sigmoid(grid.resize(masks)).reshape(len(masks), -1)
-    scores = _mix(probs, sig).reshape(-1, *WORKING_SIZE)  # [C, 384, 384]
+    scores = grid.mixed_probabilities(probs, masks).reshape(-1, *WORKING_SIZE)  # [C, 384, 384]
     if size is not None:
         scores = resize_maps(scores, bilinear(WORKING_SIZE[0], size[0]), bilinear(WORKING_SIZE[1], size[1]))
     return {"segmentation": scores.argmax(axis=0), "segmentation_scores": scores}
@@ -391,8 +416,8 @@ def _semantic_dense(probs: np.ndarray, masks: np.ndarray, size: _Size | None, gr
 def _semantic_labels(probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid) -> np.ndarray:
     # [Q, h / _TILE, w / _TILE]: the extreme logits of each tile of windows, i.e. of the logits they read
     tile_low, tile_high = grid.tile_range(masks, _TILE)
-    split = _SemanticSplit.of(probs, _sigmoid(tile_high.max(axis=(1, 2))))
-    if not split.minor.size:  # every query matters somewhere (e.g. noise): window bounds decide little, go exact
+    split = _SemanticSplit.of(probs, _sigmoid(tile_low.min(axis=(1, 2))), _sigmoid(tile_high.max(axis=(1, 2))))
+    if not _windows_decide(probs, masks, grid, split):  # e.g. noise: go exact
         return _semantic_labels_exact(probs, masks, size, grid, split)
     cells = _cells(size or WORKING_SIZE)
     tiles = (_sigmoid(tile_low[split.minor]), _sigmoid(tile_high[split.minor]))
@@ -434,15 +459,17 @@ class _SemanticSplit:
     tol: float
 
     @classmethod
-    def of(cls, probs: np.ndarray, peak: np.ndarray) -> _SemanticSplit:
-        """From class probabilities ``[Q, C]`` and an upper bound on each query's mask probability ``[Q]``."""
+    def of(cls, probs: np.ndarray, trough: np.ndarray, peak: np.ndarray) -> _SemanticSplit:
+        """From class probabilities ``[Q, C]`` and a lower and an upper bound on each query's mask probability
+        ``[Q]``."""
         num_queries = len(probs)
         reach = probs * peak[:, None]  # [Q, C]: the most a query adds to a class score anywhere
         upper = reach.sum(axis=0)  # [C]: the most a class can score anywhere
+        floor = (probs * trough[:, None]).sum(axis=0)  # [C]: the least a class scores everywhere
         weakest_first = np.argsort(reach.sum(axis=1), kind="stable")
         n_minor = int(np.searchsorted(np.cumsum(reach[weakest_first], axis=0).max(axis=1), _BOUND_BUDGET, "right"))
         n_minor = 0 if n_minor < max(1, num_queries // 4) else min(n_minor, num_queries - 1)
-        weak = upper < _WEAK_SHARE * upper.max()
+        weak = upper < max(_WEAK_SHARE * float(upper.max()), float(floor.max()))  # or never the best anywhere
         strong = np.flatnonzero(~weak)
         weak_first = np.flatnonzero(weak)[np.argsort(-upper[weak], kind="stable")]
         near, far = weak_first[:_WEAK_WINDOWED], weak_first[_WEAK_WINDOWED:]
@@ -457,6 +484,16 @@ class _SemanticSplit:
         )
 
 
+def _windows_decide(probs: np.ndarray, masks: np.ndarray, grid: _WorkingGrid, split: _SemanticSplit) -> bool:
+    """Whether bounds per logit window decide the leading class in most windows, judged on a sample of windows
+    (every query bounded by its window's extreme logits, as step 1 bounds the major ones)."""
+    size = masks.shape[1] * masks.shape[2]
+    sample = np.arange(0, size, max(1, size // _SAMPLE_WINDOWS))
+    low, high = grid.window_range_at(masks, np.arange(len(masks)), sample)  # [Q, n]: extreme logits
+    _, margin = _window_leaders(probs, split, [(np.arange(len(masks)), _sigmoid(low), _sigmoid(high), None)])
+    return np.count_nonzero(margin > split.tol) >= _WINDOWS_DECIDE * sample.size
+
+
 def _semantic_per_window(
     probs: np.ndarray,
     masks: np.ndarray,
@@ -465,31 +502,75 @@ def _semantic_per_window(
     split: _SemanticSplit,
     tiles: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 1, per logit window (every working-grid pixel reads one): bounds on the strong classes' scores from
-    the window's extreme logits (major queries), or from those of its tile of windows (minor queries: ``tiles``,
-    the sigmoids of their tiles' extreme logits ``[m, tile rows, tile cols]``), and a cap on every weak class.
+    """Step 1, per logit window (every working-grid pixel reads one): bounds on the class scores from the window's
+    extreme logits (major queries), or from those of its tile of windows (minor queries: ``tiles``, the sigmoids
+    of their tiles' extreme logits ``[m, tile rows, tile cols]``), see :func:`_window_leaders`.
 
     Returns the cells decided ``[n_row_cells, n_col_cells]`` (bool): those whose corners read windows where one
     strong class leads by more than ``tol``; their class ids; and the working-grid pixels ``[n]`` (ascending flat
     indices) that the other cells read.
     """
-    major, minor, strong, near = split.major, split.minor, split.strong, split.near
-    h, w = masks.shape[1:]
-    tile_of = grid.tile_of(_TILE)
-    tile_low, tile_high = (t.reshape(minor.size, -1) for t in tiles)  # [m, n_tiles]
+    major, minor = split.major, split.minor
     sig_low, sig_high = grid.window_range(_sigmoid(masks[major]))  # [M, h * w]
-    low = _mix(probs[np.ix_(major, strong)], sig_low)  # [S, h * w]
-    low += _mix(probs[np.ix_(minor, strong)], tile_low)[:, tile_of]
-    high = _mix(probs[np.ix_(major, strong)], sig_high)
-    high += _mix(probs[np.ix_(minor, strong)], tile_high)[:, tile_of]
-    cap = np.full(h * w, split.far_cap, np.float32)
-    if near.size:
-        near_high = _mix(probs[np.ix_(major, near)], sig_high)  # [N, h * w]
-        near_high += _mix(probs[np.ix_(minor, near)], tile_high)[:, tile_of]
-        np.maximum(cap, near_high.max(axis=0), out=cap)
+    ranges = [(major, sig_low, sig_high, None)]
+    if minor.size:
+        ranges.append((minor, *(t.reshape(minor.size, -1) for t in tiles), grid.tile_of(_TILE)))
+    best, margin = _window_leaders(probs, split, ranges)
+    sure, lowest = _agreeing_cells(cells, grid, best, margin, split.tol)
+    return sure, split.strong[lowest], cells.corners(~sure)
+
+
+def _window_leaders(probs: np.ndarray, split: _SemanticSplit, ranges: _Ranges) -> tuple[np.ndarray, np.ndarray]:
+    """Per window ``[n]``: the strong class with the highest lower bound (its index in ``split.strong``), and a lower
+    bound on its lead over every other class (it leads where this exceeds ``split.tol``).
+
+    ``ranges``: the queries' sigmoid ranges, per window or per tile of windows (see ``_Ranges``).
+
+    A class scores between its lower and upper bound in a window, so the leader leads at least by its lower bound
+    minus the others' upper bounds (and the weak classes' cap). Where that does not decide, its lead over each
+    tracked class ``c`` is bounded directly: ``score - score_c = sum_q (p_q - p_qc) * sigmoid_q`` is smallest with
+    each sigmoid at the end of its range that favours ``c``, which costs only where the two classes' probabilities
+    differ: much tighter when classes draw on the same queries (a random-weight model's outputs, where every query
+    favours the same few classes).
+    """
+    strong, tracked = split.strong, split.tracked
+    low, high = _bound(ranges, probs[:, strong], 1), _bound(ranges, probs[:, strong], 2)  # [S, n]
+    cap = np.full(low.shape[1], split.far_cap, np.float32)
+    if split.near.size:
+        np.maximum(cap, _bound(ranges, probs[:, split.near], 2).max(axis=0), out=cap)
     best, lead, rival = _leaders(low, high, cap)
-    sure, lowest = _agreeing_cells(cells, grid, best, lead - rival, split.tol)
-    return sure, strong[lowest], cells.corners(~sure)
+    margin = lead - rival
+    undecided = np.flatnonzero(margin <= split.tol)
+    # pairwise bounds, per leader: the undecided windows grouped by leader, each range gathered once
+    order = undecided[np.argsort(best[undecided], kind="stable")]
+    leaders, starts = np.unique(best[order], return_index=True)
+    gathered = [
+        (queries, np.take(lo, order, axis=1), np.take(hi, order, axis=1), None)
+        if index is None
+        else (queries, lo, hi, index[order])
+        for queries, lo, hi, index in ranges
+    ]
+    for k, part in zip(leaders, map(slice, starts, [*starts[1:], order.size])):
+        diff = probs[:, strong[k], None] - probs[:, tracked[tracked != strong[k]]]  # [Q, T - 1]
+        paired = _bound(gathered, np.maximum(diff, 0), 1, part) - _bound(gathered, np.maximum(-diff, 0), 2, part)
+        at = order[part]
+        paired = np.minimum(paired.min(axis=0, initial=np.inf), low[k, at] - np.float32(split.far_cap))
+        margin[at] = np.maximum(margin[at], paired)
+    return best, margin
+
+
+def _bound(ranges: _Ranges, weights: np.ndarray, end: int, part: slice = slice(None)) -> np.ndarray:
+    """``weights.T @ sigmoids`` ``[T, n]`` summed over the groups of ``ranges``, each sigmoid at the low (``end`` 1)
+    or high (2) end of its range, at the windows ``part`` only; ``weights`` ``[Q, T]`` non-negative."""
+    total = None
+    for group in ranges:
+        queries, values, index = group[0], group[end], group[3]
+        if index is None:
+            term = _mix(weights[queries], values[:, part])
+        else:
+            term = np.take(_mix(weights[queries], values), index[part], axis=1)
+        total = term if total is None else np.add(total, term, out=total)
+    return total
 
 
 def _semantic_at_points(
@@ -500,6 +581,8 @@ def _semantic_at_points(
     classes are tracked here too, so that only the rest is capped, by a constant)."""
     major, minor, tracked = split.major, split.minor, split.tracked
     lower = _mix(probs[np.ix_(major, tracked)], _sigmoid(grid.sample(masks[major], points)))  # [T, n]
+    if not minor.size:
+        return lower, lower
     windows, where = _distinct(grid.window_of[points], masks.shape[1] * masks.shape[2])
     minor_low, minor_high = grid.window_range_at(masks, minor, windows)  # [m, windows]: extreme logits
     weights = probs[np.ix_(minor, tracked)]
@@ -522,9 +605,10 @@ def _distinct(values: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
 def _semantic_labels_exact(
     probs: np.ndarray, masks: np.ndarray, size: _Size | None, grid: _WorkingGrid, split: _SemanticSplit
 ) -> np.ndarray:
-    """Semantic labels from exact strong-class scores on the whole working grid (no minor queries)."""
+    """Semantic labels from exact strong-class scores on the whole working grid (where bounds per window decide
+    little)."""
     strong, near = split.strong, split.near
-    lower = _mix(probs[:, strong], _sigmoid(grid.resize(masks)).reshape(len(masks), -1))  # [S, P]
+    lower = grid.mixed_probabilities(probs[:, strong], masks)  # [S, P]
     cap = FLOAT32_MIN
     if near.size:  # no weak class scores more than its queries' window maxima allow (per window for the
         # strongest few weak classes, anywhere for the rest)
@@ -542,11 +626,11 @@ def _semantic_labels_exact(
 def _mix(weights: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """``weights.T @ maps``: ``[M, S]``, ``[M, N]`` -> ``[S, N]`` float32.
 
-    Small products go through ``einsum``, which does not wake BLAS' thread pool (see ``resize``); large ones
-    are worth it.
+    Small products stay on the calling thread (:func:`.resize.product`): waking BLAS' thread pool slows down
+    what follows (see ``resize``); for large ones it is worth it.
     """
-    if weights.size * maps.shape[1] <= _EINSUM_MAX:
-        return np.einsum("ms,mn->sn", weights, maps)
+    if weights.size * maps.shape[1] <= _ONE_THREAD_MAX:
+        return product(weights.T, maps)
     return weights.T @ maps
 
 

@@ -5,7 +5,10 @@ taps per output sample. Tap positions and weights are computed exactly as torch 
 results agree with torch to float32 rounding (torch fuses multiply-adds, numpy does not: about 1e-7
 relative). Maps are resized tap by tap rather than with matrix products: as fast as a single-threaded BLAS
 product, and it does not wake BLAS' thread pool, whose busy-waiting workers slow down everything that follows
-on a small machine (on 2 cores, numpy code after a multi-threaded product runs about half as fast).
+on a small machine (on 2 cores, numpy code after a multi-threaded product runs about half as fast). For the same
+reason :func:`product` hands BLAS blocks small enough to stay on the calling thread, and the largest steps
+(:func:`resize_in_strips`, :func:`_leaders` on large bounds) run on two threads of their own (numpy releases the
+GIL), which end with the step.
 
 :class:`CellGrid` describes how a bilinear upsampling reads its source: every target pixel is a convex
 combination of one 2x2 *cell* of source pixels, and many target pixels share a cell. Post-processing uses it to
@@ -15,11 +18,14 @@ then provably agrees too) and to compute exact values only for the target pixels
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 # Target pixels resolved per batch when exact values are needed (bounds the memory of the [C, P, 4] gathers).
 _CHUNK = 1 << 14
@@ -30,6 +36,12 @@ _DIRECT_SHARE = 0.25
 # Values per temporary when sample_maps gathers taps directly (a few hundred KiB: they stay in cache, and the
 # heap does not grow by whole arrays).
 _SAMPLE_CHUNK = 1 << 16
+# OpenBLAS computes a product of at most 2**18 multiply-adds on the calling thread; larger ones wake its pool.
+_BLAS_ONE_THREAD = 1 << 18
+# _leaders splits bounds of at least this many values between two threads.
+_THREADED_LEADERS = 1 << 22
+# Values per strip in resize_in_strips (about 0.5 MiB: a strip and what is made of it stay in a core's cache).
+_STRIP_VALUES = 1 << 17
 FLOAT32_MIN = float(np.finfo(np.float32).min)
 
 
@@ -114,8 +126,8 @@ def resize_maps(maps: np.ndarray, rows: Resample1D, cols: Resample1D) -> np.ndar
     return _along(_along(maps, rows, axis=1), cols, axis=2)
 
 
-def _along(values: np.ndarray, taps: Resample1D, axis: int) -> np.ndarray:
-    out = np.take(values, taps.index[:, 0], axis=axis)
+def _along(values: np.ndarray, taps: Resample1D, axis: int, out: np.ndarray | None = None) -> np.ndarray:
+    out = np.take(values, taps.index[:, 0], axis=axis, out=out, mode="clip")  # in range: "clip" writes out directly
     shape = [1] * values.ndim
     shape[axis] = taps.n_out
     out *= taps.weights[:, 0].reshape(shape)
@@ -124,6 +136,43 @@ def _along(values: np.ndarray, taps: Resample1D, axis: int) -> np.ndarray:
         term *= taps.weights[:, t].reshape(shape)
         out += term
     return out
+
+
+def resize_in_strips(
+    maps: np.ndarray, rows: Resample1D, cols: Resample1D, each: Callable[[slice, np.ndarray], None], threads: int = 2
+) -> None:
+    """``resize_maps(maps, rows, cols)`` handed over one strip of output rows at a time: ``each(rows_of_strip,
+    strip)``, ``strip`` ``[N, rows in the strip, cols.n_out]`` (a new array, free to overwrite).
+
+    The maps are resampled along columns once, then each strip along rows: a strip stays in cache through what
+    ``each`` does with it (e.g. a sigmoid and a product), where the whole result (59 MB for 100 maps of 384x384)
+    would go through memory at every step. Both passes run on up to ``threads`` threads (numpy's loops and BLAS
+    release the GIL), the first on shares of the maps: ``each`` must be thread-safe, e.g. write disjoint parts of
+    an array.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    across = np.empty((len(maps), maps.shape[1], cols.n_out), np.float32)  # [N, h, W]
+    step = max(1, _STRIP_VALUES // max(1, across.shape[0] * across.shape[2]))
+
+    def columns(part: slice) -> None:
+        _along(maps[part], cols, axis=2, out=across[part])
+
+    def strip(start: int) -> None:
+        part = slice(start, min(start + step, rows.n_out))
+        each(part, _along(across, Resample1D(rows.index[part], rows.weights[part], rows.n_in), axis=1))
+
+    starts = range(0, rows.n_out, step)
+    threads = min(threads, os.cpu_count() or 1)
+    if threads < 2:
+        columns(slice(None))
+        for start in starts:
+            strip(start)
+        return
+    shares = [slice(i * len(maps) // threads, (i + 1) * len(maps) // threads) for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:  # per call: a pool kept across calls would not survive a fork
+        for tasks in ([partial(columns, share) for share in shares], [partial(strip, start) for start in starts]):
+            for done in [pool.submit(task) for task in tasks]:
+                done.result()  # raises what a task raised
 
 
 def sample_maps(maps: np.ndarray, rows: Resample1D, cols: Resample1D, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -169,17 +218,60 @@ def sample_maps(maps: np.ndarray, rows: Resample1D, cols: Resample1D, ys: np.nda
     return out
 
 
+def product(left: np.ndarray, right: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``left @ right``: ``[S, M]``, ``[M, N]`` -> ``[S, N]`` float32 (into ``out`` if given, e.g. columns of a larger
+    array), by BLAS on the calling thread.
+
+    One batched ``matmul`` over blocks of columns, each small enough that OpenBLAS keeps it on the calling thread
+    (see the module docstring): several times faster than ``einsum``, and BLAS' thread pool stays asleep.
+    """
+    left, right = np.ascontiguousarray(left, np.float32), np.ascontiguousarray(right, np.float32)
+    (s, m), n = left.shape, right.shape[1]
+    step = max(1, _BLAS_ONE_THREAD // max(1, s * m))
+    out = np.empty((s, n), np.float32) if out is None else out
+    whole = n - n % step
+    if whole:  # block b of the columns is batch item b
+        np.matmul(left, _column_blocks(right, step, whole // step), out=_column_blocks(out, step, whole // step))
+    if whole < n:
+        np.matmul(left, right[:, whole:], out=out[:, whole:])
+    return out
+
+
+def _column_blocks(matrix: np.ndarray, step: int, count: int) -> np.ndarray:
+    """The first ``count * step`` columns of ``matrix`` ``[R, N]`` as ``count`` blocks: a ``[count, R, step]`` view."""
+    rows, cols = matrix.strides
+    return as_strided(matrix, (count, matrix.shape[0], step), (step * cols, rows, cols))
+
+
 def _leaders(
     lower: np.ndarray, upper: np.ndarray, cap: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per column of ``[K, n]`` bounds: the channel with the highest ``lower`` (the first on ties), its ``lower``,
     and the highest ``upper`` of the other channels (at least ``cap``); each ``[n]``.
 
-    Row by row, because reductions across rows are much faster than ``argmax(axis=0)``.
+    Row by row, because reductions across rows are much faster than ``argmax(axis=0)``; large bounds in two
+    halves of columns, on two threads.
     """
-    best = np.zeros(lower.shape[1], np.int64)
-    lead = lower[0].copy()
-    rival = np.broadcast_to(np.asarray(cap, np.float32), lead.shape).copy()
+    n = lower.shape[1]
+    best, lead = np.zeros(n, np.int64), np.empty(n, lower.dtype)
+    rival = np.broadcast_to(np.asarray(cap, np.float32), (n,)).copy()
+    if lower.size < _THREADED_LEADERS or (os.cpu_count() or 1) < 2:
+        _leaders_into(lower, upper, best, lead, rival)
+        return best, lead, rival
+
+    def half(part: slice) -> None:
+        low = lower[:, part]
+        _leaders_into(low, low if upper is lower else upper[:, part], best[part], lead[part], rival[part])
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(half, part) for part in (slice(0, n // 2), slice(n // 2, n))]:
+            done.result()
+    return best, lead, rival
+
+
+def _leaders_into(lower: np.ndarray, upper: np.ndarray, best: np.ndarray, lead: np.ndarray, rival: np.ndarray) -> None:
+    """:func:`_leaders` into ``best`` (zeros), ``lead`` and ``rival`` (holding the cap)."""
+    lead[...] = lower[0]
     if upper is lower:  # one pass: the runner-up is the second highest
         ahead, other = np.empty(lead.shape, bool), np.empty_like(lead)
         for k in range(1, lower.shape[0]):
@@ -187,7 +279,7 @@ def _leaders(
             np.copyto(best, k, where=ahead)
             np.maximum(rival, np.minimum(lead, lower[k], out=other), out=rival)  # the lesser is a runner-up
             np.maximum(lead, lower[k], out=lead)
-        return best, lead, rival
+        return
     ahead = np.empty(lead.shape, bool)
     for k in range(1, lower.shape[0]):
         np.greater(lower[k], lead, out=ahead)
@@ -195,7 +287,6 @@ def _leaders(
         np.maximum(lead, lower[k], out=lead)
     for k in range(upper.shape[0]):
         np.maximum(rival, np.where(best == k, FLOAT32_MIN, upper[k]), out=rival)
-    return best, lead, rival
 
 
 def _resampled_leader(

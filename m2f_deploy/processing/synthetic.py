@@ -3,7 +3,10 @@
 ``"scene"`` outputs look like a trained model's: "stuff" queries whose masks tile the image in bands, confident
 object queries with blob-shaped masks in front of them (objects overlap each other and cut into the stuff),
 a few hesitant queries near the usual thresholds, and "no object" queries with mostly negative masks.
-``"noise"`` outputs are plain standard-normal logits, where almost nothing passes a threshold.
+``"noise"`` outputs are plain standard-normal logits, where almost nothing passes a threshold. ``"untrained"``
+outputs look like a model's with random weights: class logits share one offset per class across all queries
+(so the same few classes lead everywhere, by small margins) and mask logits are faint noise around 0 (every mask
+probability near 0.5).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def synthetic_outputs(
 
     ``kind="scene"``: per image three stuff queries, ``objects`` object queries and ``objects // 3 + 1``
     hesitant ones (as many as ``num_queries`` allows), the rest "no object". ``kind="noise"``: standard normal.
+    ``kind="untrained"``: class logits N(0, 0.28) per class plus N(0, 0.12) per query, mask logits N(0, 0.075) (as
+    measured on a random-weight Swin-T model's outputs).
     """
     rng = np.random.default_rng(seed)
     h, w = mask_size
@@ -33,8 +38,13 @@ def synthetic_outputs(
         classes = rng.standard_normal((batch, num_queries, num_classes + 1))
         masks = rng.standard_normal((batch, num_queries, h, w))
         return {"class_queries_logits": classes.astype(np.float32), "masks_queries_logits": masks.astype(np.float32)}
+    if kind == "untrained":
+        offsets = rng.normal(0.0, 0.28, (batch, 1, num_classes + 1))
+        classes = offsets + rng.normal(0.0, 0.12, (batch, num_queries, num_classes + 1))
+        masks = rng.normal(0.0, 0.075, (batch, num_queries, h, w))
+        return {"class_queries_logits": classes.astype(np.float32), "masks_queries_logits": masks.astype(np.float32)}
     if kind != "scene":
-        raise ValueError(f"kind must be 'scene' or 'noise', got {kind!r}")
+        raise ValueError(f"kind must be 'scene', 'noise' or 'untrained', got {kind!r}")
 
     classes = rng.normal(-2.5, 1.2, (batch, num_queries, num_classes + 1))
     classes[..., -1] = rng.uniform(4.0, 8.0, (batch, num_queries))  # "no object"
