@@ -1,5 +1,6 @@
 """The CPU-speed work on the exported graph: the DeformConv MSDA flavour, static-size folding, attention-size
-masks, the additive attention mask, denormals flushed in the sessions. Each keeps the numbers of the reference."""
+masks, gathered Swin windows and fused query/key/value, the additive attention mask, Linear layers as Gemm for
+INT8, denormals flushed in the sessions. Each keeps the numbers of the reference."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import torch
 from factory import decisive_model, tiny_config
 from onnx import TensorProto, helper
 
+from m2f_deploy.config import SwinConfig
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import export_onnx
+from m2f_deploy.export.gemm import linears_as_gemm
 from m2f_deploy.export.msda import flavour, msda_deform_conv, msda_gather, sampling_canvas
 from m2f_deploy.export.onnx_export import inference_graph
 from m2f_deploy.export.static_dims import fold_static_dims
 from m2f_deploy.export.validate import session
 from m2f_deploy.modeling import Mask2Former, msda_grid_sample
+from m2f_deploy.modeling.swin import SwinLayer, window_tables
 from m2f_deploy.runtime.onnxrt import session_options
 
 SHAPES = [(3, 5), (6, 10), (12, 20)]  # non-square levels, as a 96 x 160 input gives
@@ -73,7 +77,9 @@ def test_sampling_canvas_holds_every_query_and_level():
         assert oh * ow >= queries
         assert oh >= max(h for h, _ in shapes) and ow >= max(w for _, w in shapes)
         assert max(oh, ow) <= max(2 * int(np.sqrt(queries)) + 1, *[max(s) for s in shapes])  # near square
-    assert sampling_canvas(3024, [(12, 12), (24, 24), (48, 48)]) == (55, 55)
+    assert sampling_canvas(3024, [(12, 12), (24, 24), (48, 48)]) == (54, 56)  # filled exactly: no pad, no slice
+    assert sampling_canvas(3025, [(12, 12), (24, 24), (48, 48)]) == (55, 55)
+    assert sampling_canvas(3023, [(12, 12), (24, 24), (48, 48)]) == (55, 55)  # a prime: padded
 
 
 def test_deform_conv_export_matches_torch_and_needs_static_size(tmp_path):
@@ -153,14 +159,32 @@ def test_attention_size_masks_equal_full_size_masks():
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(x)
-        with inference_graph(model):
+        with inference_graph(model, static_size=True):
             assert model.model.transformer_module.low_res_attention_masks
             fast = model(x)
             aux = model(x, output_auxiliary_logits=True)  # auxiliary logits keep every full-size mask
     assert not model.model.transformer_module.low_res_attention_masks  # restored
+    assert not any(getattr(m, "fused_qkv", False) or getattr(m, "static_windows", False) for m in model.modules())
     torch.testing.assert_close(fast.class_queries_logits, reference.class_queries_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast.masks_queries_logits, reference.masks_queries_logits, atol=1e-4, rtol=0)
     assert len(aux.auxiliary_logits) == model.config.decoder_layers - 1
+
+
+@pytest.mark.parametrize("hw", [(12, 12), (24, 24), (14, 21), (9, 30), (7, 7), (3, 5)])
+def test_gathered_windows_and_fused_qkv_equal_the_reference_block(hw):
+    """Padding + cyclic shift + window partition as one constant gather (and back), query/key/value as one
+    product: the same numbers as the reference Swin block, shifted or not, for sizes that need padding or not."""
+    h, w = hw
+    for shift in (False, True):
+        layer = SwinLayer(SwinConfig(window_size=7), 32, 4, shift).eval()
+        x = torch.randn(2, h * w, 32, generator=torch.Generator().manual_seed(h * w))
+        with torch.no_grad():
+            reference = layer(x, (h, w))
+            layer.static_windows, layer.attention.self.fused_qkv = True, True
+            torch.testing.assert_close(layer(x, (h, w)), reference, atol=1e-6, rtol=0)
+    gather, scatter = window_tables(h, w, 7, 3)
+    assert sorted(gather[scatter].tolist()) == list(range(h * w))  # every token read once and put back
+    assert (gather == h * w).sum() == gather.numel() - h * w  # the rest is padding
 
 
 def test_cross_attention_mask_is_additive_in_the_graph(tmp_path):
@@ -181,3 +205,66 @@ def test_session_options():
     assert options.intra_op_num_threads == 2
     fp16 = session_options(onnxruntime, precision="fp16")  # its NCHWc bug: see session_options
     assert fp16.get_session_config_entry("optimization.disable_specified_optimizers") == "NchwcTransformer"
+
+
+def _linear(name: str, x: str, k: int, m: int, out: str, g: np.random.Generator, bias_first: bool = False):
+    """A Linear layer as the exporters write it: MatMul + bias Add (nodes, initializers)."""
+    w = onnx.numpy_helper.from_array(g.standard_normal((k, m), np.float32), f"{name}.w")
+    b = onnx.numpy_helper.from_array(g.standard_normal(m, np.float32), f"{name}.b")
+    add = helper.make_node("Add", [b.name, f"{name}.mm"] if bias_first else [f"{name}.mm", b.name], [out])
+    return [helper.make_node("MatMul", [x, w.name], [f"{name}.mm"], name=name), add], [w, b]
+
+
+def _graph(pieces, inputs, outputs, scalars=()):
+    """A shape-inferred model of ``pieces`` in order: Linear layers from :func:`_linear`, or single nodes."""
+    pieces = [p if isinstance(p, tuple) else ([p], []) for p in pieces]
+    inits = [t for p in pieces for t in p[1]] + [onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+                                                  for n, v in scalars]  # fmt: skip
+    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
+    results = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
+    graph = helper.make_graph([n for p in pieces for n in p[0]], "g", values, results, inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _run(model, feed):
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_linears_as_gemm_keep_the_numbers_and_share_the_flattened_input():
+    """MatMul + bias Add -> Reshape, Gemm, Reshape (onnxruntime then fuses the quantized layer with its bias):
+    same outputs, a 4-D input whose inner sizes are known and a 3-D one whose are not, two layers on one input."""
+    g = np.random.default_rng(0)
+    parts = [_linear("l1", "x", 8, 5, "y1", g), _linear("l2", "x", 8, 3, "y2", g, bias_first=True),
+             _linear("l3", "z", 8, 4, "y3", g)]  # fmt: skip
+    model = _graph(parts, [("x", ["n", 2, 6, 8]), ("z", ["n", "s", 8])], ["y1", "y2", "y3"])
+    feed = {"x": g.standard_normal((3, 2, 6, 8), np.float32), "z": g.standard_normal((2, 7, 8), np.float32)}
+    before = _run(model, feed)
+    assert linears_as_gemm(model, {"l1", "l2", "l3"}) == 3
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gemm") == 3 and "MatMul" not in ops and "Add" not in ops
+    assert [n.input[0] for n in model.graph.node if n.name in ("l1", "l2")] == ["l1/as_gemm/x2d"] * 2  # shared
+    for a, b in zip(_run(model, feed), before):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_feed_forward_blocks_stay_2d_between_their_linears():
+    """Linear -> ReLU -> Linear and Linear -> GELU (as exported: Div, Erf, Add, Mul, Mul) -> Linear: no Reshape
+    between the two Gemms (so the quantizer sees Gemm -> Relu -> Gemm); a tensor read by anything else stays 3-D."""
+    g = np.random.default_rng(1)
+    node = helper.make_node
+    pieces = [_linear("fc1", "x", 8, 16, "h1", g), node("Relu", ["h1"], ["r1"]), _linear("fc2", "r1", 16, 8, "y1", g),
+              _linear("fc3", "y1", 8, 16, "h3", g), node("Div", ["h3", "sqrt2"], ["d"]), node("Erf", ["d"], ["e"]),
+              node("Add", ["e", "one"], ["e1"]), node("Mul", ["h3", "e1"], ["p"]), node("Mul", ["p", "half"], ["gelu"]),
+              _linear("fc4", "gelu", 16, 8, "y2", g), node("Add", ["y1", "y2"], ["y"])]  # fmt: skip  y1: fc3 + residual
+    model = _graph(pieces, [("x", ["n", 6, 8])], ["y"], [("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5)])
+    feed = {"x": g.standard_normal((3, 6, 8), np.float32)}
+    (before,) = _run(model, feed)
+    assert linears_as_gemm(model, {"fc1", "fc2", "fc3", "fc4"}) == 4
+    onnx.checker.check_model(model)
+    two_d = ["Gemm", "Relu", "Gemm", "Reshape", "Gemm", "Div", "Erf", "Add", "Mul", "Mul", "Gemm"]
+    assert [n.op_type for n in model.graph.node] == ["Reshape", *two_d, "Reshape", "Add"]
+    read = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in read for t in model.graph.initializer)  # no constant left behind
+    np.testing.assert_allclose(_run(model, feed)[0], before, atol=1e-4, rtol=0)

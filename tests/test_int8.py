@@ -64,7 +64,8 @@ def test_gate_and_errors(setup, tmp_path):
 
 def test_int8_targets_quantize_activations_their_way(setup, tmp_path):
     """cpu: uint8 activations (onnxruntime's x86 U8S8 kernels); tensorrt: int8 with zero point 0. Both quantize
-    the inputs of the MatMuls only, never their outputs (a quantized output is dequantized again for the bias)."""
+    the inputs of the MatMuls only, never their outputs (a quantized output is dequantized again for the bias);
+    cpu quantizes the biases of Linear layers too (as Gemm)."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -85,6 +86,14 @@ def test_int8_targets_quantize_activations_their_way(setup, tmp_path):
         if target == "tensorrt":
             assert all(not inits[n.input[2]].any() for n in quantize)  # symmetric
         assert not [n.name for n in quantize if producers.get(n.input[0]) == "MatMul"]
+        # cpu: Linear layers as Gemm with an int32-quantized bias (onnxruntime fuses them whole into QGemm);
+        # tensorrt: left as MatMul + float bias Add
+        dequantized = {n.output[0]: inits.get(n.input[0]) for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+        biases = [dequantized.get(n.input[2]) for n in graph.graph.node if n.op_type == "Gemm"]
+        if target == "cpu":
+            assert len(biases) > 10 and all(b is not None and b.dtype == np.int32 for b in biases)
+        else:
+            assert not biases
     with pytest.raises(InputError, match="quantized for onnxruntime CPU"):
         build_engine(tmp_path / "cpu.onnx", int8=True)  # refused before TensorRT is even looked for
     with pytest.raises(InputError, match="unknown INT8 target 'gpu'"):

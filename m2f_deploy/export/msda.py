@@ -173,10 +173,17 @@ def sampling_canvas(num_queries: int, spatial_shapes: Sequence[tuple[int, int]])
 
     The queries sit on a near-square grid centred on each level by the pads, so that the base positions the
     convolution adds back to the offsets stay small (|base| <~ 64 px): along a 1 x S row they would reach S,
-    and the float32 round trip ``(location - base) + base`` would lose ~1e-4 px at S = 3024.
+    and the float32 round trip ``(location - base) + base`` would lose ~1e-4 px at S = 3024. A grid that the
+    queries fill exactly (OH * OW = queries, sides within 2x of each other) is preferred: the graph then pads
+    no query and slices none off (3024 queries: 54 x 56).
     """
-    side = max([math.isqrt(num_queries - 1) + 1] + [h for h, _ in spatial_shapes])
-    return side, max([-(-num_queries // side)] + [w for _, w in spatial_shapes])
+    least_h, least_w = max(h for h, _ in spatial_shapes), max(w for _, w in spatial_shapes)
+    side = max(math.isqrt(num_queries - 1) + 1, least_h)
+    for oh in range(side, least_h - 1, -1):
+        ow = num_queries // oh
+        if oh * ow == num_queries and ow >= least_w and max(oh, ow) <= 2 * min(oh, ow):
+            return oh, ow
+    return side, max(-(-num_queries // side), least_w)
 
 
 def _deform_pads(h: int, w: int, oh: int, ow: int, points: int) -> list[int]:
@@ -214,9 +221,11 @@ def msda_deform_conv(
     # [N, Lq, M, L, P, 2 (x, y)] -> [N, L, M, P, 2 (y, x), OH*OW], padded queries get weight 0. Two transposes
     # (queries last, then whole blocks of them) cost onnxruntime a tenth of the one 6-D permutation.
     locations = sampling_locations.reshape(-1, lq, m * levels * points * 2).transpose(1, 2)
-    locations = F.pad(locations.reshape(-1, m, levels, points, 2, lq).transpose(1, 2).flip(4), (0, extra))
+    locations = locations.reshape(-1, m, levels, points, 2, lq).transpose(1, 2).flip(4)
     weights = attention_weights.reshape(-1, lq, m * levels * points).transpose(1, 2)
-    weights = F.pad(weights.reshape(-1, m, levels, points, lq).transpose(1, 2), (0, extra))  # [N, L, M, P, OH*OW]
+    weights = weights.reshape(-1, m, levels, points, lq).transpose(1, 2)  # [N, L, M, P, OH*OW]
+    if extra:
+        locations, weights = F.pad(locations, (0, extra)), F.pad(weights, (0, extra))
     out = None
     start = 0
     for level, (h, w) in enumerate(shapes):
@@ -231,7 +240,8 @@ def msda_deform_conv(
         )  # fmt: skip
         out = sampled if out is None else out + sampled
         start += h * w
-    return out.flatten(2)[:, :, :lq].transpose(1, 2)
+    out = out.flatten(2)
+    return (out[:, :, :lq] if extra else out).transpose(1, 2)
 
 
 def deform_sample(maps: Tensor, offsets: Tensor, mask: Tensor, pads: list[int], offset_group: int) -> Tensor:

@@ -26,6 +26,7 @@ from m2f_deploy.artifact import DEFAULT_PREPROCESSING, INPUT_NAME, METADATA_KEY,
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import msda as msda_flavours
 from m2f_deploy.modeling import Mask2Former
+from m2f_deploy.modeling.swin import SwinLayer, SwinSelfAttention
 from m2f_deploy.utils import did_you_mean
 
 log = logging.getLogger("m2f_deploy.export")
@@ -51,18 +52,25 @@ class LogitsOnly(nn.Module):
 
 
 @contextmanager
-def inference_graph(model: Mask2Former) -> Iterator[None]:
-    """The model as the exported graph computes it: earlier layers' masks only at attention size.
-
-    See :class:`~m2f_deploy.modeling.transformer_decoder.TransformerModule`; the validation gate compares the
-    graph with the reference (transformers' order of operations).
+def inference_graph(model: Mask2Former, static_size: bool = False) -> Iterator[None]:
+    """The model as the exported graph computes it: earlier layers' masks only at attention size (see
+    :class:`~m2f_deploy.modeling.transformer_decoder.TransformerModule`), Swin's query, key and value as one
+    product (see :class:`~m2f_deploy.modeling.swin.SwinSelfAttention`), and for a ``static_size`` its windows
+    gathered through constant tables (see :class:`~m2f_deploy.modeling.swin.SwinLayer`). The validation gate
+    compares the graph with the reference (transformers' order of operations).
     """
-    module = model.model.transformer_module
-    previous, module.low_res_attention_masks = module.low_res_attention_masks, True
+    switches = [(model.model.transformer_module, "low_res_attention_masks")]
+    switches += [(m, "fused_qkv") for m in model.modules() if isinstance(m, SwinSelfAttention)]
+    if static_size:
+        switches += [(m, "static_windows") for m in model.modules() if isinstance(m, SwinLayer)]
+    previous = [getattr(m, name) for m, name in switches]
     try:
+        for m, name in switches:
+            setattr(m, name, True)
         yield
     finally:
-        module.low_res_attention_masks = previous
+        for (m, name), value in zip(switches, previous):
+            setattr(m, name, value)
 
 
 @contextmanager
@@ -298,7 +306,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=".m2f-export-", dir=path.parent) as tmpdir:
         raw = Path(tmpdir) / "raw.onnx"
         with stage(f"export ({exporter}, msda={msda}, opset {opset}, {batch}x3x{height}x{width})"):
-            with torch.inference_mode(False), torch.no_grad(), inference_graph(model), \
+            with torch.inference_mode(False), torch.no_grad(), inference_graph(model, not dynamic_hw), \
                     msda_flavours.flavour(msda, opset) as table:
                 wrapper = LogitsOnly(model).eval()
                 if exporter == "torchscript":

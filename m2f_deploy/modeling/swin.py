@@ -81,14 +81,26 @@ class SwinSelfAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(ws).flatten(), persistent=False)
         self.window_area = ws * ws
+        self.fused_qkv = False
 
     def forward(self, x: Tensor, shift_mask: Tensor | None) -> Tensor:
-        """x: [B*nW, N, C] window tokens; shift_mask: [nW, N, N] (0 or -100) or None."""
+        """x: [B*nW, N, C] window tokens; shift_mask: [nW, N, N] (0 or -100) or None.
+
+        With ``fused_qkv`` (the exporter turns it on), query, key and value are one product with the three
+        weights stacked, split after one transpose: the same dot products, one layer instead of three (int8:
+        one quantization of ``x`` and a product wide enough for onnxruntime's kernels).
+        """
         bw, n, c = x.shape
         shape = (bw, n, self.num_heads, self.head_dim)
-        q = self.query(x).view(shape).transpose(1, 2)
-        k = self.key(x).view(shape).transpose(1, 2)
-        v = self.value(x).view(shape).transpose(1, 2)
+        if self.fused_qkv:
+            layers = (self.query, self.key, self.value)
+            bias = None if self.query.bias is None else torch.cat([layer.bias for layer in layers])
+            qkv = F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
+            q, k, v = qkv.view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.query(x).view(shape).transpose(1, 2)
+            k = self.key(x).view(shape).transpose(1, 2)
+            v = self.value(x).view(shape).transpose(1, 2)
         bias = self.relative_position_bias_table[self.relative_position_index]
         bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).unsqueeze(0)  # [1, heads, N, N]
         if shift_mask is not None:
@@ -153,8 +165,31 @@ def shift_window_mask(hp, wp, ws: int, shift: int, dtype: torch.dtype, device: t
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
+def window_tables(h: int, w: int, ws: int, shift: int) -> tuple[Tensor, Tensor]:
+    """For a static ``h x w`` map: where each window token comes from, and where each map token goes.
+
+    ``gather`` [nW * ws * ws]: for window token k (windows in :func:`window_partition` order, over the map padded
+    to multiples of ``ws`` and rolled by ``-shift``), the map token it reads, or ``h * w`` (a zero token) for
+    padding. ``scatter`` [h * w]: for map token t, the window token that holds it (the inverse, padding dropped).
+    """
+    hp, wp = h + pad_amount(h, ws), w + pad_amount(w, ws)
+    rows = (torch.arange(hp) + shift) % hp  # rolled row i reads padded row (i + shift) mod hp
+    cols = (torch.arange(wp) + shift) % wp
+    source = torch.where((rows[:, None] < h) & (cols[None, :] < w), rows[:, None] * w + cols[None, :], h * w)
+    gather = window_partition(source[None, :, :, None], ws).flatten()
+    scatter = torch.empty(h * w, dtype=torch.long)
+    taken = gather < h * w
+    scatter[gather[taken]] = torch.arange(gather.numel())[taken]
+    return gather, scatter
+
+
 class SwinLayer(nn.Module):
-    """One (shifted-)window transformer block."""
+    """One (shifted-)window transformer block.
+
+    With ``static_windows`` (the exporter turns it on for a static input size), padding, cyclic shift and
+    window partition are one ``Gather`` of the tokens through a constant table, and their inverse another
+    (:func:`window_tables`): the same values, moved once instead of through Pad, Slice, Concat and Transpose.
+    """
 
     def __init__(self, config: SwinConfig, dim: int, num_heads: int, shift: bool):
         super().__init__()
@@ -165,6 +200,7 @@ class SwinLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.intermediate = SwinIntermediate(config, dim)
         self.output = SwinOutput(config, dim)
+        self.static_windows = False
 
     def forward(self, x: Tensor, hw: tuple) -> Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
@@ -172,6 +208,9 @@ class SwinLayer(nn.Module):
         b, _, c = x.shape
         ws, shift = self.window_size, self.shift_size
         shortcut = x
+        if self.static_windows:
+            x = shortcut + self._windowed_attention(self.layernorm_before(x), int(h), int(w))
+            return x + self.output(self.intermediate(self.layernorm_after(x)))
         x = self.layernorm_before(x).view(b, h, w, c)
         pad_h, pad_w = pad_amount(h, ws), pad_amount(w, ws)
         if tracing() or pad_h or pad_w:
@@ -188,6 +227,18 @@ class SwinLayer(nn.Module):
             x = x[:, :h, :w, :]
         x = shortcut + x.reshape(b, -1, c)
         return x + self.output(self.intermediate(self.layernorm_after(x)))
+
+    def _windowed_attention(self, x: Tensor, h: int, w: int) -> Tensor:
+        """Window attention of [B, h*w, C] tokens (static h, w) through :func:`window_tables`."""
+        ws, shift = self.window_size, self.shift_size
+        gather, scatter = window_tables(h, w, ws, shift)
+        c = x.shape[-1]
+        tokens = torch.cat([x, x.new_zeros(1, 1, c).expand(x.shape[0], 1, c)], 1)  # the zero token: padding
+        windows = tokens[:, gather.to(x.device)].reshape(-1, ws * ws, c)
+        hp, wp = h + pad_amount(h, ws), w + pad_amount(w, ws)
+        mask = shift_window_mask(hp, wp, ws, shift, x.dtype, x.device) if shift else None
+        out = self.attention(windows, mask)
+        return out.reshape(x.shape[0], -1, c)[:, scatter.to(x.device)]
 
 
 class SwinPatchMerging(nn.Module):
