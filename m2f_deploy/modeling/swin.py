@@ -205,13 +205,18 @@ class SwinLayer(nn.Module):
     def forward(self, x: Tensor, hw: tuple) -> Tensor:
         """x: [B, H*W, C] -> [B, H*W, C]."""
         h, w = hw
+        normed = self.layernorm_before(x)
+        if self.static_windows:
+            x = x + self._gathered_window_attention(normed, int(h), int(w))
+        else:
+            x = x + self._window_attention(normed, h, w)
+        return x + self.output(self.intermediate(self.layernorm_after(x)))
+
+    def _window_attention(self, x: Tensor, h, w) -> Tensor:
+        """Window attention of [B, h*w, C] tokens: pad, roll, partition, attend, and back."""
         b, _, c = x.shape
         ws, shift = self.window_size, self.shift_size
-        shortcut = x
-        if self.static_windows:
-            x = shortcut + self._windowed_attention(self.layernorm_before(x), int(h), int(w))
-            return x + self.output(self.intermediate(self.layernorm_after(x)))
-        x = self.layernorm_before(x).view(b, h, w, c)
+        x = x.view(b, h, w, c)
         pad_h, pad_w = pad_amount(h, ws), pad_amount(w, ws)
         if tracing() or pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -225,11 +230,10 @@ class SwinLayer(nn.Module):
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
         if tracing() or pad_h or pad_w:
             x = x[:, :h, :w, :]
-        x = shortcut + x.reshape(b, -1, c)
-        return x + self.output(self.intermediate(self.layernorm_after(x)))
+        return x.reshape(b, -1, c)
 
-    def _windowed_attention(self, x: Tensor, h: int, w: int) -> Tensor:
-        """Window attention of [B, h*w, C] tokens (static h, w) through :func:`window_tables`."""
+    def _gathered_window_attention(self, x: Tensor, h: int, w: int) -> Tensor:
+        """:meth:`_window_attention` for a static h x w, through :func:`window_tables`."""
         ws, shift = self.window_size, self.shift_size
         gather, scatter = window_tables(h, w, ws, shift)
         c = x.shape[-1]
