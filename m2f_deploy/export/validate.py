@@ -106,7 +106,7 @@ def session(path: str | os.PathLike, msda: str):
 
     options = session_options(onnxruntime, precision=read_onnx_metadata(path)["precision"])
     if msda == "trt_plugin":
-        from m2f_deploy.export.plugin_standin import standin_session
+        from m2f_deploy.runtime.plugin_standin import standin_session
 
         return standin_session(path, sess_options=options)
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

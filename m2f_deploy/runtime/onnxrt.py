@@ -147,9 +147,7 @@ class OnnxRuntimeRunner:
             providers.append("CPUExecutionProvider")  # for the few nodes a GPU provider may not take
         try:
             if plugin and backend == "cpu":
-                from m2f_deploy.export.plugin_standin import (
-                    standin_session,
-                )  # needs onnx, onnxruntime-extensions
+                from m2f_deploy.runtime.plugin_standin import standin_session  # needs onnx, onnxruntime-extensions
 
                 session = standin_session(self.path, sess_options=options)
             else:
