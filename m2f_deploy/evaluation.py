@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from m2f_deploy.coco import coco_rle
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing.rle import coco_rle
 
 IOU_MATCH = 0.5
 """A predicted and a ground-truth segment match when their IoU is above this (panopticapi)."""

@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 
 from m2f_deploy import coco
+from m2f_deploy.coco import coco_rle
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing.rle import coco_rle
 from m2f_deploy.utils import parse_json_object
 
 CLASSES: list[dict[str, Any]] = [
