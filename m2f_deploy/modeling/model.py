@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +28,15 @@ class Mask2FormerOutput(NamedTuple):
     class_queries_logits: Tensor
     masks_queries_logits: Tensor
     auxiliary_logits: list[dict[str, Tensor]] | None = None
+
+
+def numpy_logits(output: Any) -> dict[str, np.ndarray]:
+    """The two logits of a model's output (ours or transformers') as float32 numpy arrays on the CPU, by name:
+    what the post-processes and the runtime take."""
+    return {
+        name: getattr(output, name).detach().float().cpu().numpy()
+        for name in ("class_queries_logits", "masks_queries_logits")
+    }
 
 
 class PixelLevelModule(nn.Module):
