@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from m2f_deploy.errors import InputError
 from m2f_deploy.processing import WORKING_SIZE, ImageProcessor, postprocess
-from m2f_deploy.processing.synthetic import synthetic_outputs
+from m2f_deploy.testing.logits import synthetic_outputs
 
 transformers.logging.set_verbosity_error()
 

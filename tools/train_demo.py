@@ -9,7 +9,7 @@ images; much slower when other processes compete for the cores):
 weights, depend on the machine's speed.) The script needs torch, transformers and scipy (the ``export`` and
 ``test`` extras); it is a tool, not part of the package.
 
-Data come from ``m2f_deploy.data.synthetic``, drawn on the fly: training image ``k`` is
+Data come from ``m2f_deploy.data.shapes``, drawn on the fly: training image ``k`` is
 ``generate_sample((seed, k))``, validation images are ``generate_sample((val_seed, i))`` for ``i < val_images``,
 i.e. the images of ``write_dataset(folder, val_images, seed=val_seed)``. Labels (``mask_labels``,
 ``class_labels``) are made by our ``ImageProcessor.preprocess``; the loss is transformers' Mask2Former loss.
@@ -45,7 +45,7 @@ import transformers
 
 import m2f_deploy
 from m2f_deploy.config import Mask2FormerConfig
-from m2f_deploy.data.synthetic import CLASSES, Sample, generate_sample
+from m2f_deploy.data.shapes import CLASSES, Sample, generate_sample
 from m2f_deploy.evaluation import PanopticEvaluator, SemanticEvaluator
 from m2f_deploy.processing import ImageProcessor
 
