@@ -14,13 +14,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from m2f_deploy.errors import InputError, M2FError
+from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample
 from m2f_deploy.runtime.plugin_standin import (
     PLUGIN_OP_TYPE,
     count_plugin_nodes,
     msda_numpy,
     standin_session,
 )
-from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample
 
 TOL = 1e-5
 LEVEL_SETS = {

@@ -21,7 +21,6 @@ from m2f_deploy import coco
 from m2f_deploy.errors import InputError
 from m2f_deploy.utils import parse_json_object
 
-
 # -- reading -----------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ from m2f_deploy.modeling.pixel_decoder import PixelDecoder
 from m2f_deploy.modeling.swin import SwinBackbone
 from m2f_deploy.modeling.transformer_decoder import TransformerModule
 
-
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
