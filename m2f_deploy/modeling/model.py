@@ -39,6 +39,9 @@ def numpy_logits(output: Any) -> dict[str, np.ndarray]:
 
 
 class PixelLevelModule(nn.Module):
+    """Backbone (``encoder``: Swin, four maps at strides 4-32) and pixel decoder (``decoder``); named as
+    transformers names them, so that checkpoint keys match. Run by :class:`Mask2Former`."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.encoder = SwinBackbone(config.backbone_config)
@@ -46,6 +49,9 @@ class PixelLevelModule(nn.Module):
 
 
 class Mask2FormerModel(nn.Module):
+    """The pixel-level module and the transformer module (queries, masked-attention decoder) under transformers'
+    checkpoint names; :class:`Mask2Former` runs them and adds the class head."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.pixel_level_module = PixelLevelModule(config)

@@ -183,7 +183,9 @@ class OnnxRuntimeRunner:
             given = f"{INPUT_NAME} {pixel_values.dtype} {list(pixel_values.shape)}"
             if type(e).__name__ == "InvalidArgument" or "INVALID_ARGUMENT" in message:
                 raise InputError(f"{self.path}: onnxruntime rejects {given}: {message}") from None
-            raise BackendError(f"{self.path}: onnxruntime ({self.backend}) failed running on {given}: {message}") from None
+            raise BackendError(
+                f"{self.path}: onnxruntime ({self.backend}) failed running on {given}: {message}"
+            ) from None
         return {
             name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs, strict=True)
         }
