@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 _PROC_STATUS = Path("/proc/self/status")
 
 
