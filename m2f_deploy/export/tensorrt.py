@@ -352,7 +352,8 @@ def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
 
 def _kind(layer: Any) -> str:
     """``LayerType.NORMALIZATION`` -> ``normalization``."""
-    return re.sub(r".*\.", "", str(layer.type)).lower()
+    name = getattr(layer.type, "name", None)  # pybind11 enums have .name, as Python's do
+    return (name if isinstance(name, str) else re.sub(r".*\.", "", str(layer.type))).lower()
 
 
 def _pin_fp32(trt: Any, network: Any) -> list[str]:
