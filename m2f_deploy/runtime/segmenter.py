@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from m2f_deploy.artifact import (
-    INPUT_NAME,
     OUTPUT_NAMES,
     read_engine_metadata,
     read_onnx_metadata,
