@@ -335,6 +335,10 @@ def test_int8_build_takes_the_qdq_graph(fake_trt, tiny_onnx, tmp_path, version, 
     built = read_engine_metadata(engine)["tensorrt"]
     assert built["flags"]["int8"] is True and built["flags"]["strongly_typed"] is (version != "10.3.0")
     assert "/model/class_predictor/QuantizeLinear" not in built["pinned_fp32_layers"]
+    trt.calls.clear()
+    built = read_engine_metadata(build_engine(qdq, tmp_path / "model.engine", shapes=SHAPES, fp16=True))["tensorrt"]
+    assert flag_names(trt, built_config(trt)[1]) == (["FP16", *flags] if version == "10.3.0" else [])
+    assert built["flags"]["fp16"] is (version == "10.3.0")  # strongly typed: the QDQ graph's types, said so
     with pytest.raises(InputError, match="--int8 needs an explicitly quantized graph"):
         build_engine(tiny_onnx, tmp_path / "x.engine", int8=True)
     cpu = with_precision(tiny_onnx, tmp_path / "cpu.onnx", "int8", int8_target="cpu")

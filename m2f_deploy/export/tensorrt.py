@@ -162,6 +162,10 @@ def build_engine(
     gpu = gpu_info(0)
     load_plugins(plugin_libraries, "--plugin-lib")
     strong = trt_api.strongly_typed(trt)
+    if strong and int8 and fp16 and meta["precision"] == "int8":
+        log.warning("strongly typed TensorRT %s takes the QDQ graph's own types: --fp16 does not apply to it",
+                    trt.__version__)  # fmt: skip
+        fp16 = False
     with tempfile.TemporaryDirectory(prefix=".m2f-trt-", dir=engine_path.parent) as scratch:
         source = onnx_path
         if strong and fp16 and meta["precision"] == "fp32":
