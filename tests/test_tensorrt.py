@@ -484,6 +484,11 @@ def test_cli_engine_flags_reach_the_build(fake_trt, tiny_onnx, tmp_path, capsys)
     built = read_engine_metadata(engine)["tensorrt"]
     assert built["builder_flags"] == ["FP16"] and built["pinned_fp32_layers"] == []
     assert built["flags"]["tf32"] is False and built["plugin_libraries"] == []
+    qdq = with_precision(tiny_onnx, tmp_path / "q.onnx", "int8")
+    with pytest.raises(InputError, match="--int8 needs an explicitly quantized graph"):
+        export_main([str(tiny_onnx), "-o", str(engine), "--int8"])
+    assert export_main([str(qdq), "-o", str(engine), "--int8"]) == 0
+    assert "INT8" in read_engine_metadata(engine)["tensorrt"]["builder_flags"]
 
 
 def test_cudart_is_found_where_pip_puts_it(tmp_path, monkeypatch):
