@@ -22,8 +22,9 @@ from m2f_deploy.export.tensorrt import profile_shapes
 
 
 def _gpu_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("polygraphy") is None:
-        return "TensorRT and Polygraphy are not installed (pip install 'm2f-deploy[gpu]')"
+    missing = [m for m in ("tensorrt", "polygraphy") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'm2f-deploy[gpu]')"
     from m2f_deploy.runtime.cuda import gpu_info
 
     try:
@@ -512,3 +513,25 @@ def test_cudart_search_covers_the_wheel_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     monkeypatch.setenv("LD_LIBRARY_PATH", "")
     assert str(wheel) in runtime_cuda.cudart_dirs()
+
+
+def test_runtime_imports_without_polygraphy_tensorrt_or_torch():
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        for name in ("polygraphy", "tensorrt", "torch"):
+            sys.modules[name] = None  # any import of them raises ImportError
+        import m2f_deploy.runtime, m2f_deploy.runtime.tensorrt, m2f_deploy.runtime.trt_api, m2f_deploy.export.tensorrt
+        from m2f_deploy.errors import BackendError
+        try:
+            m2f_deploy.export.tensorrt.check_tensorrt()
+        except BackendError as e:
+            print(e)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "TensorRT is not installed" in done.stdout
