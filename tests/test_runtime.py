@@ -139,11 +139,11 @@ def test_infer_checks_its_input(static_onnx):
 
 
 def test_onnxruntime_rejecting_the_input_is_an_input_error(static_onnx):
-    runner = Segmenter(static_onnx)._runner  # below the Segmenter's own checks: onnxruntime's verdict
+    runner = Segmenter(static_onnx)._runner  # below the runner base's checks (infer_impl): onnxruntime's verdict
     with pytest.raises(InputError, match=r"model.onnx: onnxruntime rejects pixel_values float32 \[1, 3, 96, 96\]"):
-        runner.infer(np.zeros((1, 3, 96, 96), np.float32))
+        runner.infer_impl(np.zeros((1, 3, 96, 96), np.float32))
     with pytest.raises(InputError, match="rejects pixel_values float64"):
-        runner.infer(np.zeros((1, 3, *SIZE), np.float64))
+        runner.infer_impl(np.zeros((1, 3, *SIZE), np.float64))
 
 
 def test_a_graph_failing_while_running_is_a_backend_error(static_onnx, tmp_path):
@@ -162,7 +162,7 @@ def test_a_graph_failing_while_running_is_a_backend_error(static_onnx, tmp_path)
     onnx.save(model, str(path))
     runner = onnxrt.OnnxRuntimeRunner(path, read_onnx_metadata(path), "cpu")
     with pytest.raises(BackendError, match=r"broken.onnx: onnxruntime \(cpu\) failed running on pixel_values"):
-        runner.infer(np.zeros((1, 3, 2, 2), np.float32))
+        runner.infer_impl(np.zeros((1, 3, 2, 2), np.float32))  # below the base checks: the graph itself fails
 
 
 def test_bad_artifacts_give_one_clear_error(static_onnx, tmp_path):

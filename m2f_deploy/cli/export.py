@@ -70,7 +70,10 @@ def build_parser() -> Parser:
     trt.add_argument("--plugin-lib", action="append", default=[], type=Path, metavar="SO",
                      help="load a TensorRT plugin library (repeatable); the built-in MSDA plugin needs none")
     trt.add_argument("--no-fp32-layers", action="store_true",
-                     help="let fp16/int8 engines run LayerNorm and the cross-attention softmax in reduced precision")
+                     help="TensorRT 10.0-10.11: let fp16/int8 engines run LayerNorm and the cross-attention softmax "
+                          "in reduced precision (strongly typed builds take the graph's types)")
+    trt.add_argument("--tf32", action="store_true",
+                     help="allow TF32 kernels for float32 layers (Ampere and newer; default off: fp32 means fp32)")
     return p
 
 
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerances = _tolerances(args.atol)
 
     engine_args = dict(
-        fp16=args.fp16, int8=args.int8, shapes=args.shapes, workspace_gib=args.workspace,
+        fp16=args.fp16, int8=args.int8, tf32=args.tf32, shapes=args.shapes, workspace_gib=args.workspace,
         timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
     )  # fmt: skip
     calibration = _calibration_images(args)

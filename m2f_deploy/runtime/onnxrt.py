@@ -16,6 +16,7 @@ import numpy as np
 
 from m2f_deploy.artifact import INPUT_NAME
 from m2f_deploy.errors import BackendError, InputError, M2FError
+from m2f_deploy.runtime.base import BaseRunner, InputSpec
 
 log = logging.getLogger("m2f_deploy.runtime")
 
@@ -72,7 +73,7 @@ def _cache_dir() -> Path:
     return Path(root) / "m2f_deploy" / "ort-tensorrt"
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(BaseRunner):
     """An onnxruntime session over one artifact. ``backend``: ``auto`` or a key of :data:`PROVIDERS`."""
 
     def __init__(
@@ -86,6 +87,7 @@ class OnnxRuntimeRunner:
     ):
         ort = onnxruntime_module()
         self.path = path
+        self.input_spec = InputSpec.from_metadata(meta)
         self.precision = meta["precision"]
         available = ort.get_available_providers()
         plugin = meta["msda"] == "trt_plugin"
@@ -171,7 +173,7 @@ class OnnxRuntimeRunner:
             )
         return session
 
-    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs by name. ``InputError`` when onnxruntime rejects ``pixel_values`` (its type or shape against
         the graph's input); any other failure while running is the backend's or the graph's: ``BackendError``."""
         try:

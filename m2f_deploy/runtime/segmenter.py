@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from m2f_deploy.artifact import (
-    INPUT_NAME,
     OUTPUT_NAMES,
     read_engine_metadata,
     read_onnx_metadata,
@@ -86,8 +85,6 @@ class Segmenter:
             from m2f_deploy.runtime.tensorrt import TensorRTRunner
 
             self._runner = TensorRTRunner(path, self.metadata, device_id=device_id)
-            low, _, high = self._runner.profile
-            self._batch_range = (low[0], high[0])
         else:
             self.metadata = read_onnx_metadata(path)
             if backend == "tensorrt":
@@ -96,8 +93,7 @@ class Segmenter:
                     "or run this file with backend 'ort-tensorrt'"
                 )
             self._runner = onnxrt.OnnxRuntimeRunner(path, self.metadata, backend, threads=threads, device_id=device_id)
-            inp = self.metadata["input"]
-            self._batch_range = (1, 1 << 30) if inp["dynamic_batch"] else (inp["batch"], inp["batch"])
+        self._batch_range = self._runner.input_spec.batch
         self.path = path
         self.backend: str = self._runner.backend
         self.id2label: dict[int, str] = self.metadata["id2label"]
@@ -132,23 +128,7 @@ class Segmenter:
 
     def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives)."""
-        x = np.asarray(pixel_values)
-        if x.dtype.kind != "f" or x.ndim != 4 or x.shape[1] != 3:
-            raise InputError(f"{INPUT_NAME} must be a float [B, 3, H, W] array, got {x.dtype} {x.shape}")
-        h, w = x.shape[2:]
-        if self.dynamic_hw:
-            if h % self._hw_multiple or w % self._hw_multiple:
-                raise InputError(
-                    f"{INPUT_NAME} of size {h}x{w}: height and width must be multiples of {self._hw_multiple}"
-                )
-        elif (h, w) != self.input_size:
-            raise InputError(
-                f"{INPUT_NAME} of size {h}x{w}: {self.path.name} takes {self.input_size[0]}x{self.input_size[1]} only"
-            )
-        low, high = self._batch_range
-        if not low <= x.shape[0] <= high:
-            raise InputError(f"{INPUT_NAME} has batch {x.shape[0]}: {self.path.name} takes {low}..{high}")
-        return self._runner.infer(np.ascontiguousarray(x, dtype=np.float32))
+        return self._runner.infer(pixel_values)  # checked once, by the runner (runtime/base.py)
 
     # -- results ---------------------------------------------------------------------------------------------------
 
