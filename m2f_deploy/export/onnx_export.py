@@ -219,9 +219,12 @@ def _cleanup(graph: onnx.ModelProto, how: str, workdir: Path) -> onnx.ModelProto
         graph = _ort_basic(graph, workdir)
         # folding a size lets shape inference see through the next Reshape: a few rounds reach every static one
         for _ in range(MAX_FOLD_ROUNDS):
-            if graph.ByteSize() >= EXTERNAL_DATA_THRESHOLD or not fold_static_dims(graph):
+            if graph.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
                 break  # (shape inference needs the graph in one protobuf message)
-            graph = _ort_basic(graph, workdir)
+            folded = fold_static_dims(graph)
+            if len(folded.graph.node) == len(graph.graph.node):
+                break
+            graph = _ort_basic(folded, workdir)
         return graph
     return graph
 
