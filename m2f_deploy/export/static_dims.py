@@ -73,7 +73,6 @@ def fold_static_dims(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.fold_constants(fold_shapes=True).cleanup()
     _restore_ranged_shapes(graph, written)
     folded = gs.export_onnx(graph, do_type_check=False)
-    del folded.graph.value_info[:]  # (the shapes of this round; the next round infers them again)
     folded.metadata_props.extend(model.metadata_props)
     log.info("folding: %d -> %d nodes", len(model.graph.node), len(folded.graph.node))
     return folded
