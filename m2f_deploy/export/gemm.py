@@ -40,7 +40,10 @@ def linears_as_gemm(model: onnx.ModelProto, names: Collection[str]) -> int:
     where shape inference knows all but the first, else taken from the first 3-D input at run time.
 
     The graph is onnx-graphsurgeon's (producers and readers of each tensor, dead nodes and constants removed by
-    ``cleanup``); the nodes keep their order (each replacement takes the place of what it replaces).
+    ``cleanup``); the nodes keep their order (each replacement takes the place of what it replaces), so no
+    ``toposort``. It gives, node for node, the graph of the hand-kept producer / consumer maps it replaced (Swin-T
+    at 384x384: 205 layers, 2,246 nodes), in 4.6-5.2 s against 0.9-2.0 s (alternating, 2 shared cores): a small
+    part of an INT8 calibration.
     """
     graph = gs.import_onnx(model)
     outputs = {t.name for t in graph.outputs}
