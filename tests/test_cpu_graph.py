@@ -147,14 +147,15 @@ def test_fold_static_dims_reads_the_range_of_a_shape():
     """Shape(x, start, end) (opset 15; the dynamo exporter writes it) selects axes from start: onnx-graphsurgeon
     alone folds it as the whole shape. A range that reads a dynamic axis stays one Shape node."""
     node = helper.make_node
-    nodes = [node("Shape", ["x"], ["hw"], start=2), node("Gather", ["hw", "i0"], ["h"]), node("Gather", ["hw", "i1"], ["w"]),
-             node("Unsqueeze", ["h", "ax"], ["h1"]), node("Unsqueeze", ["w", "ax"], ["w1"]),
+    nodes = [node("Shape", ["x"], ["hw"], start=2), node("Gather", ["hw", "i0"], ["h"]),
+             node("Gather", ["hw", "i1"], ["w"]), node("Unsqueeze", ["h", "ax"], ["h1"]),
+             node("Unsqueeze", ["w", "ax"], ["w1"]),
              node("Shape", ["x"], ["b"], start=0, end=1), node("Concat", ["h1", "w1", "b"], ["y"], axis=0)]  # fmt: skip
     inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("i0", 0), ("i1", 1), ("ax", [0]))]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 12])
     y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
-    folded = fold_static_dims(model)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    folded = fold_static_dims(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert [(n.op_type, {a.name: a.i for a in n.attribute}) for n in folded.graph.node] == [
         ("Shape", {"start": 0, "end": 1}), ("Concat", {"axis": 0})]  # fmt: skip
     sess = onnxruntime.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
