@@ -130,18 +130,37 @@ def _shape_graph(batch_dim):
 
 def test_fold_static_dims_folds_static_axes_only():
     model = _shape_graph("batch")
-    assert fold_static_dims(model) == 2  # the two C*H*W selections; Shape (dynamic batch) and the batch Gather stay
-    kinds = {n.output[0]: n.op_type for n in model.graph.node}
-    assert kinds["chw"] == kinds["chw2"] == "Constant" and kinds["b"] == "Gather" and kinds["s"] == "Shape"
-    folded = next(n for n in model.graph.node if n.output[0] == "chw")
-    assert onnx.numpy_helper.to_array(folded.attribute[0].t).tolist() == [3, 8, 12]
-    sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    folded = fold_static_dims(model)
+    # C*H*W, taken either way, is a constant now and so is its product; Shape (dynamic batch) and the batch Gather stay
+    assert [n.op_type for n in folded.graph.node] == ["Shape", "Gather", "Concat", "Concat", "Reshape", "Reshape"]
+    constants = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in folded.graph.initializer}
+    assert constants["n"] == constants["n2"] == [3 * 8 * 12]
+    sess = onnxruntime.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in (1, 4):  # still any batch
         x = np.random.default_rng(0).standard_normal((batch, 3, 8, 12), dtype=np.float32)
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], x.reshape(batch, -1))
-    static = _shape_graph(2)
-    assert fold_static_dims(static) == 4  # everything is known: the Shape and the batch too
-    assert not any(n.op_type == "Shape" for n in static.graph.node)
+    static = fold_static_dims(_shape_graph(2))
+    assert [n.op_type for n in static.graph.node] == ["Reshape", "Reshape"]  # everything is known: the batch too
+
+
+def test_fold_static_dims_reads_the_range_of_a_shape():
+    """Shape(x, start, end) (opset 15; the dynamo exporter writes it) selects axes from start: onnx-graphsurgeon
+    alone folds it as the whole shape. A range that reads a dynamic axis stays one Shape node."""
+    node = helper.make_node
+    nodes = [node("Shape", ["x"], ["hw"], start=2), node("Gather", ["hw", "i0"], ["h"]),
+             node("Gather", ["hw", "i1"], ["w"]), node("Unsqueeze", ["h", "ax"], ["h1"]),
+             node("Unsqueeze", ["w", "ax"], ["w1"]),
+             node("Shape", ["x"], ["b"], start=0, end=1), node("Concat", ["h1", "w1", "b"], ["y"], axis=0)]  # fmt: skip
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("i0", 0), ("i1", 1), ("ax", [0]))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 12])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    folded = fold_static_dims(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [(n.op_type, {a.name: a.i for a in n.attribute}) for n in folded.graph.node] == [
+        ("Shape", {"start": 0, "end": 1}), ("Concat", {"axis": 0})]  # fmt: skip
+    sess = onnxruntime.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        assert sess.run(None, {"x": np.zeros((batch, 3, 8, 12), np.float32)})[0].tolist() == [8, 12, batch]
 
 
 def test_exported_graph_has_no_run_time_position_embeddings(tmp_path):

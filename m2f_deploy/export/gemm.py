@@ -15,30 +15,19 @@ from functools import cache
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_graphsurgeon as gs
 
 ELEMENTWISE = frozenset({"Relu", "Gelu", "Erf", "Sigmoid", "Tanh", "Add", "Sub", "Mul", "Div"})
 """Ops that may run on the 2-D view of tokens between two Linear layers (their other inputs: scalars)."""
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Value name -> its shape from shape inference (a symbolic dimension by its name, None if unknown)."""
-    shapes = {}
-    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        if info.type.tensor_type.HasField("shape"):
-            dims = info.type.tensor_type.shape.dim
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-    return shapes
-
-
-def _scalars(model: onnx.ModelProto) -> set[str]:
-    """Names of one-element constants (initializers and Constant outputs)."""
-    names = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) == 1}
-    for node in model.graph.node:
-        tensor = node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR
-        if tensor and int(np.prod(node.attribute[0].t.dims)) == 1:
-            names.add(node.output[0])
-    return names
+def _is_scalar(tensor: gs.Tensor) -> bool:
+    """A one-element constant (an initializer or a Constant node's output)."""
+    if isinstance(tensor, gs.Constant):
+        return int(np.prod(tensor.shape)) == 1
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return isinstance(value, gs.Constant) and int(np.prod(value.shape)) == 1
 
 
 def linears_as_gemm(model: onnx.ModelProto, names: Collection[str]) -> int:
@@ -49,128 +38,122 @@ def linears_as_gemm(model: onnx.ModelProto, names: Collection[str]) -> int:
     Layers reading one tensor share its 2-D view (so one QuantizeLinear); elementwise ops between layers run on
     the 2-D views when everything they feed is rewritten too. The output's leading dimensions are constants
     where shape inference knows all but the first, else taken from the first 3-D input at run time.
-    """
-    graph = model.graph
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    shapes, scalars = _shapes(model), _scalars(model)
-    outputs = {o.name for o in graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
 
-    def layer(node: onnx.NodeProto) -> tuple[onnx.NodeProto, str, int, int] | None:
+    The graph is onnx-graphsurgeon's (producers and readers of each tensor, dead nodes and constants removed by
+    ``cleanup``); the nodes keep their order (each replacement takes the place of what it replaces), so no
+    ``toposort``. It gives, node for node, the graph of the hand-kept producer / consumer maps it replaced (Swin-T
+    at 384x384: 205 layers, 2,246 nodes), in 4.6-5.2 s against 0.9-2.0 s (alternating, 2 shared cores): a small
+    part of an INT8 calibration.
+    """
+    graph = gs.import_onnx(model)
+    outputs = {t.name for t in graph.outputs}
+
+    def producer(t: gs.Tensor) -> gs.Node | None:
+        return t.inputs[0] if len(t.inputs) == 1 else None
+
+    def weight(t: gs.Tensor) -> list[int] | None:
+        return list(t.shape) if isinstance(t, gs.Constant) else None
+
+    def layer(node: gs.Node) -> tuple[gs.Node, gs.Constant, int, int] | None:
         """The Linear at MatMul ``node`` if it is rewritten: its bias Add, the bias, K and M."""
-        if node.op_type != "MatMul" or node.name not in names or len(weights.get(node.input[1], ())) != 2:
+        w = weight(node.inputs[1]) if node.op == "MatMul" and node.name in names else None
+        if w is None or len(w) != 2:
             return None
-        after = consumers.get(node.output[0], [])
-        if node.output[0] in outputs or len(after) != 1 or after[0].op_type != "Add":
+        y = node.outputs[0]
+        if y.name in outputs or len(y.outputs) != 1 or y.outputs[0].op != "Add":
             return None
-        k, m = weights[node.input[1]]
-        bias = [i for i in after[0].input if i != node.output[0]]
-        if len(bias) != 1 or weights.get(bias[0]) != [m]:
+        add, (k, m) = y.outputs[0], w
+        bias = [i for i in add.inputs if i is not y]
+        if len(bias) != 1 or weight(bias[0]) != [m]:
             return None
-        if len(shapes.get(node.input[0], ())) < 2 and not flat_source(node.input[0]):
+        if len(node.inputs[0].shape or ()) < 2 and not flat_source(node.inputs[0].name):
             return None  # rank unknown
-        return after[0], bias[0], k, m
+        return add, bias[0], k, m
+
+    tensors = graph.tensors()
 
     @cache
     def flat_source(name: str) -> bool:
         """``name`` can have a 2-D view: a rewritten layer's output, or elementwise on such views and scalars."""
-        node = producer.get(name)
+        node = producer(tensors[name])
         if node is None:
             return False
-        if node.op_type == "Add" and any(producer.get(i) and layer(producer[i]) for i in node.input):
+        if node.op == "Add" and any(producer(i) and layer(producer(i)) for i in node.inputs):
             return True
-        tensors = [i for i in node.input if i not in scalars]
-        if node.op_type not in ELEMENTWISE or not tensors or not all(flat_source(i) for i in tensors):
+        inputs = [i for i in node.inputs if not _is_scalar(i)]
+        if node.op not in ELEMENTWISE or not inputs or not all(flat_source(i.name) for i in inputs):
             return False
-        return len(tensors) == 1 or _same_shape([shapes.get(i) for i in tensors])  # else it may broadcast
+        return len(inputs) == 1 or _same_shape([i.shape for i in inputs])  # else it may broadcast
 
     @cache
     def stays_flat(name: str) -> bool:
         """Everything reading ``name`` can read a 2-D view instead (so its 3-D form is not needed)."""
-        readers = consumers.get(name, [])
+        readers = tensors[name].outputs
         if name in outputs or not readers:
             return False
-        return all((layer(r) and r.input[0] == name) or on_flat(r) for r in readers)
+        return all((layer(r) and r.inputs[0].name == name) or on_flat(r) for r in readers)
 
-    def on_flat(node: onnx.NodeProto) -> bool:
+    def on_flat(node: gs.Node) -> bool:
         """``node`` is elementwise on 2-D views, and only such nodes and layers read it."""
-        return node.op_type in ELEMENTWISE and flat_source(node.output[0]) and stays_flat(node.output[0])
+        return node.op in ELEMENTWISE and flat_source(node.outputs[0].name) and stays_flat(node.outputs[0].name)
 
-    constants: list[onnx.TensorProto] = []
-    flat: dict[str, tuple[str, str]] = {}  # tensor -> (its 2-D view, the 3-D tensor whose leading shape it has)
-    rewritten: list[onnx.NodeProto] = []
-    folded: set[int] = set()
+    # decided on the graph as it is, before the rewrite below changes who produces what
+    layers = {id(node): layer(node) for node in graph.nodes}
+    flat_ops = {id(node) for node in graph.nodes if not layers[id(node)] and on_flat(node)}
+    flat: dict[str, tuple[gs.Variable, gs.Tensor]] = {}  # tensor -> (its 2-D view, the 3-D tensor of its shape)
+    rewritten: list[gs.Node] = []
+    replaced: dict[int, gs.Node] = {}
     count = 0
-
-    def constant(value: np.ndarray, name: str) -> str:
-        constants.append(numpy_helper.from_array(value, name))
-        return name
-
-    for node in graph.node:
-        if id(node) in folded:
+    for node in list(graph.nodes):
+        if id(node) in replaced:
             continue  # a bias Add, inside its Gemm
-        found = layer(node)
+        found = layers[id(node)]
         if found:
             add, bias, k, m = found
-            folded.add(id(add))
-            x, base = node.input[0], f"{node.name}/as_gemm"
-            if x not in flat:
-                shape = constant(np.array([-1, k], np.int64), f"{base}/flat_shape")
-                rewritten.append(helper.make_node("Reshape", [x, shape], [f"{base}/x2d"], name=f"{base}/flatten"))
-                flat[x] = (f"{base}/x2d", x)
-            x2d, origin = flat[x]
-            rewritten.append(helper.make_node("Gemm", [x2d, node.input[1], bias], [f"{base}/y2d"], name=node.name))
-            flat[add.output[0]] = (f"{base}/y2d", origin)
-            lead = shapes.get(origin, [None, None])[1:-1]
+            replaced.update({id(node): node, id(add): add})
+            x, base = node.inputs[0], f"{node.name}/as_gemm"
+            if x.name not in flat:
+                x2d = gs.Variable(f"{base}/x2d", dtype=x.dtype)
+                shape = gs.Constant(f"{base}/flat_shape", np.array([-1, k], np.int64))
+                rewritten.append(gs.Node("Reshape", f"{base}/flatten", inputs=[x, shape], outputs=[x2d]))
+                flat[x.name] = (x2d, x)
+            x2d, origin = flat[x.name]
+            y2d = gs.Variable(f"{base}/y2d", dtype=x.dtype)
+            rewritten.append(gs.Node("Gemm", node.name, inputs=[x2d, node.inputs[1], bias], outputs=[y2d]))
+            y = add.outputs[0]
+            flat[y.name] = (y2d, origin)
+            lead = (origin.shape or [None, None])[1:-1]
             if all(isinstance(d, int) and d > 0 for d in lead):
-                target = constant(np.array([-1, *lead, m], np.int64), f"{base}/out_shape")
+                target = gs.Constant(f"{base}/out_shape", np.array([-1, *lead, m], np.int64))
             else:
-                width = constant(np.array([m], np.int64), f"{base}/width")
-                rewritten.append(helper.make_node("Shape", [origin], [f"{base}/lead"], name=f"{base}/lead", end=-1))
-                rewritten.append(helper.make_node("Concat", [f"{base}/lead", width], [f"{base}/out_shape"],
-                                                  name=f"{base}/out_shape", axis=0))  # fmt: skip
-                target = f"{base}/out_shape"
-            # the 3-D output, for whatever else reads it (dropped below when nothing does)
-            rewritten.append(helper.make_node("Reshape", [f"{base}/y2d", target], [add.output[0]],
-                                              name=f"{base}/unflatten"))  # fmt: skip
+                width = gs.Constant(f"{base}/width", np.array([m], np.int64))
+                leading = gs.Variable(f"{base}/lead", dtype=np.int64)
+                target = gs.Variable(f"{base}/out_shape", dtype=np.int64)
+                rewritten.append(gs.Node("Shape", f"{base}/lead", {"end": -1}, inputs=[origin], outputs=[leading]))
+                rewritten.append(gs.Node("Concat", f"{base}/out_shape", {"axis": 0}, inputs=[leading, width],
+                                         outputs=[target]))  # fmt: skip
+            add.outputs.clear()  # (its output now comes from the Reshape)
+            # the 3-D output, for whatever else reads it (dropped by the clean-up when nothing does)
+            rewritten.append(gs.Node("Reshape", f"{base}/unflatten", inputs=[y2d, target], outputs=[y]))
             count += 1
             continue
         rewritten.append(node)
-        if on_flat(node) and all(i in flat for i in node.input if i not in scalars):
-            inputs = [i if i in scalars else flat[i][0] for i in node.input]
-            out = f"{node.output[0]}/2d"
-            rewritten.append(helper.make_node(node.op_type, inputs, [out], name=f"{node.name or node.output[0]}/2d",
-                                              domain=node.domain, **_attributes(node)))  # fmt: skip
-            flat[node.output[0]] = (out, next(flat[i][1] for i in node.input if i in flat))
+        if id(node) in flat_ops and all(i.name in flat for i in node.inputs if not _is_scalar(i)):
+            out = gs.Variable(f"{node.outputs[0].name}/2d", dtype=node.outputs[0].dtype)
+            inputs = [i if _is_scalar(i) else flat[i.name][0] for i in node.inputs]
+            rewritten.append(gs.Node(node.op, f"{node.name or node.outputs[0].name}/2d", dict(node.attrs),
+                                     inputs=inputs, outputs=[out], domain=node.domain))  # fmt: skip
+            flat[node.outputs[0].name] = (out, next(flat[i.name][1] for i in node.inputs if i.name in flat))
     if not count:
         return 0
-    live = _live(rewritten, outputs)
-    read = {i for n in live for i in n.input}
-    del graph.node[:]
-    graph.node.extend(live)
-    graph.initializer.extend(t for t in constants if t.name in read)
+    for node in replaced.values():
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes = rewritten
+    graph.cleanup()
+    model.graph.CopyFrom(gs.export_onnx(graph, do_type_check=False).graph)
     return count
 
 
 def _same_shape(shapes: list) -> bool:
     return shapes[0] is not None and None not in shapes[0] and all(s == shapes[0] for s in shapes)
-
-
-def _attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """``nodes`` without those whose outputs nothing reads (repeatedly), in order."""
-    while True:
-        read = set(outputs).union(*(n.input for n in nodes))
-        live = [n for n in nodes if any(o in read for o in n.output)]
-        if len(live) == len(nodes):
-            return live
-        nodes = live
