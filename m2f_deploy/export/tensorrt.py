@@ -24,6 +24,7 @@ from typing import Any
 from m2f_deploy.artifact import INPUT_NAME, engine_sidecar_path, read_onnx_metadata
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.export.precision import tensorrt_fp32_layer
+from m2f_deploy.export.trt_support import require_tensorrt_support
 from m2f_deploy.utils import atomic_output, sha256_file
 
 log = logging.getLogger("m2f_deploy.export")
@@ -110,6 +111,7 @@ def build_engine(
     ``BxCxHxW`` (see :func:`profile_shapes`). fp32_layers: pin LayerNorm, the masked cross-attention softmax and
     the deformable sampling to float32 in reduced-precision builds (:func:`tensorrt_fp32_layer`).
     """
+    require_tensorrt_support(onnx_path)  # static check against TensorRT's ONNX support, before TensorRT is looked for
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     meta = read_onnx_metadata(onnx_path)

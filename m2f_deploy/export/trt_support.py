@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-from onnx import TensorProto
+from typing import TYPE_CHECKING, Any
 
-from m2f_deploy.errors import InputError
+from m2f_deploy.errors import BackendError, InputError
+
+if TYPE_CHECKING:
+    import onnx
 
 Version = tuple[int, int]
 
@@ -48,13 +50,11 @@ PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_VERSIONS = {"1": (10, 0), "2": (10, 11)}  # plugin version -> first TensorRT release that has it
 PLUGIN_V1_DEPRECATED = (10, 11)
 
-_T = TensorProto
+# ONNX's TensorProto.DataType numbers (fixed by the ONNX spec; written out so that importing this module needs no onnx)
 TYPE_NAMES = {
-    _T.FLOAT: "FP32", _T.FLOAT16: "FP16", _T.BFLOAT16: "BF16", _T.DOUBLE: "DOUBLE", _T.INT32: "INT32",
-    _T.INT64: "INT64", _T.INT8: "INT8", _T.UINT8: "UINT8", _T.BOOL: "BOOL", _T.INT4: "INT4",
-    _T.FLOAT8E4M3FN: "FP8", _T.FLOAT4E2M1: "FP4", _T.INT16: "INT16", _T.UINT16: "UINT16", _T.UINT32: "UINT32",
-    _T.UINT64: "UINT64", _T.STRING: "STRING", _T.COMPLEX64: "COMPLEX64", _T.COMPLEX128: "COMPLEX128",
-    _T.FLOAT8E5M2: "FP8E5M2", _T.UINT4: "UINT4",
+    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING", 9: "BOOL",
+    10: "FP16", 11: "DOUBLE", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128", 16: "BF16",
+    17: "FP8", 18: "FP8E4M3FNUZ", 19: "FP8E5M2", 20: "FP8E5M2FNUZ", 21: "UINT4", 22: "INT4", 23: "FP4",
 }  # fmt: skip
 # Types TensorRT takes at all ("TensorRT supports the following ONNX data types"); UINT8 only as network I/O.
 TRT_TYPES = {"DOUBLE", "FP32", "FP16", "BF16", "FP8", "FP4", "INT32", "INT64", "INT8", "INT4", "UINT8", "BOOL"}
@@ -98,10 +98,10 @@ SUPPORTED: dict[str, OpSupport] = {
     "DequantizeLinear": OpSupport(("INT8", "FP8", "FP4", "INT4")),
     "Gelu": OpSupport(_F + ("INT8",) + _I),
     "Mean": OpSupport(_F + ("FP8",) + _I),
-    "Pow": OpSupport(_F),  # integer bases from 10.12: see _pow
+    "Pow": OpSupport(_F + _I),  # integer bases from 10.12 only: see _pow
     **_rows("GridSample Mish NonMaxSuppression NonZero RoiAlign", ("FP32", "FP16")),
     "DeformConv": OpSupport(("FP32", "FP16"), since=(10, 1), typed=("all_in",)),
-    **_rows("BlackmanWindow HammingWindow HannWindow", ("FP32", "FP16"), since=(10, 4)),
+    **_rows("BlackmanWindow HammingWindow HannWindow", ("FP32", "FP16"), since=(10, 4), typed=("out0",)),
     "STFT": OpSupport(("FP32",), since=(10, 5)),
     "Attention": OpSupport(_F + ("INT8", "FP8"), since=(10, 14)),
     **_rows("RotaryEmbedding RMSNormalization", _F, since=(10, 15)),
@@ -191,6 +191,8 @@ def _targets(trt_version: str | Sequence[str] | None) -> dict[str, Version]:
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
+        import onnx
+
         if model.functions:
             import onnx.inliner
 
@@ -207,7 +209,7 @@ class _Graph:
                 self.types[v.name] = v.type.tensor_type.elem_type
         self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.output, *g.value_info]
                       if v.type.tensor_type.HasField("shape")}  # fmt: skip
-        self.constants: dict[str, TensorProto] = {}
+        self.constants: dict[str, Any] = {}  # name -> TensorProto
         for t in model.graph.initializer:
             self.constants[t.name] = t
             self.types[t.name] = t.data_type
@@ -235,11 +237,16 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
         for a in node.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for sub in [a.g] if a.type == _ATTR_GRAPH else list(a.graphs):
                 yield from _all_nodes(sub)
 
 
+_ATTR_GRAPH, _ATTR_STRING = 5, 3  # AttributeProto.GRAPH, .STRING
+
+
 def _attr(node: onnx.NodeProto, name: str, default=None):
+    import onnx
+
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
@@ -252,7 +259,7 @@ def _input(node: onnx.NodeProto, i: int) -> str:
 
 # -- rules: each yields (rule text, applies to version?) -----------------------------------------------------------
 
-Rule = Callable[[onnx.NodeProto, _Graph], Iterator[tuple[str, Callable[[Version], bool]]]]
+Rule = Callable[[Any, _Graph], Iterator[tuple[str, Callable[[Version], bool]]]]
 ALWAYS: Callable[[Version], bool] = lambda v: True  # noqa: E731
 
 
@@ -439,7 +446,7 @@ def _plugin(node: onnx.NodeProto, g: _Graph) -> Iterator[tuple[str, Callable, st
                 yield f"{role} must have value's type {value}, is {t}", ALWAYS, "error"
     kinds = {a.name: a.type for a in node.attribute}
     for name in ("plugin_version", "plugin_namespace"):
-        if name in kinds and kinds[name] != onnx.AttributeProto.STRING:
+        if name in kinds and kinds[name] != _ATTR_STRING:
             yield f"attribute {name} must be a string", ALWAYS, "error"
     version = _attr(node, "plugin_version", b"1")
     version = version.decode() if isinstance(version, bytes) else str(version)
@@ -496,7 +503,8 @@ def _graph_checks(g: _Graph) -> Iterator[tuple[str, str, str, Callable]]:
             seen.add(tensor)
             if name == "UINT8" and tensor not in g.io:
                 yield (node.name or tensor, node.op_type,
-                       f"UINT8 tensor {tensor!r}: TensorRT takes UINT8 only as network input or output", ALWAYS)  # fmt: skip
+                       f"UINT8 tensor {tensor!r}: TensorRT takes UINT8 only as network input or output (an INT8 graph "
+                       "for TensorRT has int8 activations: --int8-target tensorrt)", ALWAYS)  # fmt: skip
             elif name not in TRT_TYPES:
                 yield node.name or tensor, node.op_type, f"tensor {tensor!r} of type {name}: not a TensorRT type", ALWAYS
 
@@ -511,6 +519,10 @@ def check_tensorrt_support(
     """Check every node of ``model`` against TensorRT's documented ONNX support for ``trt_version`` (e.g. "10.3";
     several allowed; default :data:`DEFAULT_TARGETS`). Returns the report; nothing is raised for findings."""
     targets = _targets(trt_version)
+    try:
+        import onnx
+    except ImportError:
+        raise BackendError("the static TensorRT check before an engine build needs the onnx package: pip install onnx") from None
     if isinstance(model, onnx.ModelProto):
         path, proto = "<model>", model
     else:
