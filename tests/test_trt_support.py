@@ -336,6 +336,8 @@ def test_cli_check_tensorrt(planted, tmp_path, capsys):
     assert not (tmp_path / "good.engine").exists()  # a check builds nothing
     with pytest.raises(InputError, match="--trt-version 9.0"):
         export_main([str(good), "--check-tensorrt", "--trt-version", "9.0"])
+    with pytest.raises(InputError, match="--trt-version is for --check-tensorrt"):
+        export_main([str(good), "--trt-version", "10.3"])
     with pytest.raises(InputError, match="--trt-plugin-version is for --msda trt_plugin"):
         export_main(["--preset", "swin-tiny-coco-panoptic", "--trt-plugin-version", "2"])
 

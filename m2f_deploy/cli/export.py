@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
     )  # fmt: skip
     if args.trt_version:
+        if not args.check_tensorrt:
+            raise InputError("--trt-version is for --check-tensorrt (an engine build checks for the TensorRT installed)")
         from m2f_deploy.export.trt_support import parse_trt_version
 
         for version in args.trt_version:

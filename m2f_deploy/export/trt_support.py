@@ -26,6 +26,7 @@ Where our knowledge of a release between two documented ones is missing, the ear
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from m2f_deploy.errors import BackendError, InputError
+
+log = logging.getLogger("m2f_deploy.export")
 
 if TYPE_CHECKING:
     import onnx
@@ -190,16 +193,18 @@ def _targets(trt_version: str | Sequence[str] | None) -> dict[str, Version]:
 
 
 class _Graph:
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base_dir: str = ""):
         import onnx
 
+        self.base_dir = base_dir  # where external data lives (it is read only for the few constants a rule reads)
         if model.functions:
             import onnx.inliner
 
             model = onnx.inliner.inline_local_functions(model)
         try:  # types of every tensor; the plugin's output stays unknown (no schema), and so may what follows it
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:  # noqa: BLE001  (a graph onnx cannot infer still gets its op and attribute checks)
+        except Exception as e:  # noqa: BLE001  (a graph onnx cannot infer still gets its op and attribute checks)
+            log.warning("ONNX type inference failed (%s): tensor types are checked where the graph declares them", e)
             inferred = model
         self.model = model
         g = inferred.graph
@@ -230,7 +235,7 @@ class _Graph:
         import onnx.numpy_helper
 
         t = self.constants.get(tensor)
-        return None if t is None else onnx.numpy_helper.to_array(t)
+        return None if t is None else onnx.numpy_helper.to_array(t, base_dir=self.base_dir)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -529,11 +534,11 @@ def check_tensorrt_support(
         path = str(model)
         if not Path(path).is_file():
             raise InputError(f"{path}: no such ONNX file")
-        try:
-            proto = onnx.load(path)
+        try:  # without the weights: types, attributes and small constants are all a rule reads
+            proto = onnx.load(path, load_external_data=False)
         except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and friends)
             raise InputError(f"{path}: not an ONNX model ({type(e).__name__})") from None
-    g = _Graph(proto)
+    g = _Graph(proto, os.path.dirname(os.path.abspath(path)) if path != "<model>" else "")
     found: dict[tuple[str, str, str, str], list[str]] = {}
 
     def record(node: str, op: str, rule: str, applies: Callable, severity: str) -> None:
