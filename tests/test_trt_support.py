@@ -82,6 +82,9 @@ def test_data_types_come_from_type_inference():
     chain = _model([helper.make_node("Not", ["x"], ["m"], name="not"), helper.make_node("NonZero", ["m"], ["y"], name="nz")],
                    [("x", B, [4])], [("y", I64, None)])  # fmt: skip
     assert _one(chain).node == "nz"
+    # a stale declared type (the fp16 converter leaves some) neither hides the finding nor breaks inference
+    chain.graph.value_info.append(helper.make_tensor_value_info("m", F, [4]))
+    assert _one(chain).node == "nz"
 
 
 def test_uint8_only_at_the_graph_boundary_and_unknown_types():

@@ -201,8 +201,11 @@ class _Graph:
             import onnx.inliner
 
             model = onnx.inliner.inline_local_functions(model)
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)
+        del fresh.graph.value_info[:]  # inferred afresh: converters (fp16) may leave stale entries that contradict it
         try:  # types of every tensor; the plugin's output stays unknown (no schema), and so may what follows it
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(fresh, strict_mode=False)
         except Exception as e:  # noqa: BLE001  (a graph onnx cannot infer still gets its op and attribute checks)
             log.warning("ONNX type inference failed (%s): tensor types are checked where the graph declares them", e)
             inferred = model
