@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.trt_version:
         if not args.check_tensorrt:
-            raise InputError("--trt-version is for --check-tensorrt (an engine build checks for the TensorRT installed)")
+            raise InputError("--trt-version is for --check-tensorrt (a build checks for the installed TensorRT)")
         from m2f_deploy.export.trt_support import parse_trt_version
 
         for version in args.trt_version:
             parse_trt_version(version)  # bad input before anything slow
     if args.trt_plugin_version is not None and args.msda != "trt_plugin":
-        raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not --msda {args.msda}")
+        raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
     if args.checkpoint and str(args.checkpoint).endswith(".onnx") and args.check_tensorrt and not args.int8:
         return _check_tensorrt(Path(args.checkpoint), args.trt_version)
     calibration = _calibration_images(args)

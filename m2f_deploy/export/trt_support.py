@@ -164,7 +164,8 @@ class SupportReport:
     def raise_if_failed(self) -> None:
         if not self.ok:
             first = self.errors[0]
-            more = f" (and {len(self.errors) - 1} more: m2f-export {self.path} --check-tensorrt)" if len(self.errors) > 1 else ""
+            extra = len(self.errors) - 1
+            more = f" (and {extra} more: m2f-export {self.path} --check-tensorrt)" if extra else ""
             raise TensorRTSupportError(f"{self.path}: TensorRT would refuse {first}{more}")
 
 
@@ -467,8 +468,9 @@ def _plugin(node: onnx.NodeProto, g: _Graph) -> Iterator[tuple[str, Callable, st
         since = PLUGIN_VERSIONS[version]
         yield f"plugin_version {version} exists from TensorRT {since[0]}.{since[1]}", _before(since), "error"
         if version == "1":
-            yield ("plugin_version 1 (IPluginV2) is deprecated from TensorRT 10.11: export with "
-                   "--trt-plugin-version 2 for TensorRT >= 10.11", lambda v: v >= PLUGIN_V1_DEPRECATED, "deprecated")  # fmt: skip
+            deprecated = "plugin_version 1 (IPluginV2) is deprecated from TensorRT 10.11: export with " \
+                "--trt-plugin-version 2 for TensorRT >= 10.11"
+            yield deprecated, lambda v: v >= PLUGIN_V1_DEPRECATED, "deprecated"
 
 
 def _node_checks(node: onnx.NodeProto, g: _Graph) -> Iterator[tuple[str, Callable, str]]:
@@ -514,7 +516,8 @@ def _graph_checks(g: _Graph) -> Iterator[tuple[str, str, str, Callable]]:
                        f"UINT8 tensor {tensor!r}: TensorRT takes UINT8 only as network input or output (an INT8 graph "
                        "for TensorRT has int8 activations: --int8-target tensorrt)", ALWAYS)  # fmt: skip
             elif name not in TRT_TYPES:
-                yield node.name or tensor, node.op_type, f"tensor {tensor!r} of type {name}: not a TensorRT type", ALWAYS
+                rule = f"tensor {tensor!r} of type {name}: not a TensorRT type"
+                yield node.name or tensor, node.op_type, rule, ALWAYS
 
 
 def _opset_max(version: Version) -> int:
@@ -530,7 +533,8 @@ def check_tensorrt_support(
     try:
         import onnx
     except ImportError:
-        raise BackendError("the static TensorRT check before an engine build needs the onnx package: pip install onnx") from None
+        raise BackendError("the static TensorRT check (run before every engine build) needs the onnx package: "
+                           "pip install onnx") from None
     if isinstance(model, onnx.ModelProto):
         path, proto = "<model>", model
     else:
