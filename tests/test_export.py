@@ -251,8 +251,11 @@ def test_api_rejects_bad_size(tiny, tmp_path):
 def test_swin_tiny_preset_exports_and_validates(tmp_path, capsys):
     """The full Swin-T architecture at 384x384 through the CLI (random weights; the gate runs)."""
     out = tmp_path / "swin-t.onnx"
-    assert export_main(["--preset", "swin-tiny-coco-panoptic", "-o", str(out)]) == 0
-    assert "RANDOM weights" in capsys.readouterr().err
+    assert export_main(["--preset", "swin-tiny-coco-panoptic", "-o", str(out), "--check-tensorrt"]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err
+    # the static TensorRT check after the export, on the full-size graph
+    assert captured.out.splitlines()[-1] == f"{out}: passes for TensorRT 10.3, 10.16, 11.x"
     meta = _metadata(out)
     assert meta["num_queries"] == 100 and meta["num_labels"] == 133
     assert meta["input"]["height"] == 384 and meta["source"]["checkpoint"] is None
