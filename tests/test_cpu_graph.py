@@ -19,6 +19,7 @@ from m2f_deploy.export.gemm import linears_as_gemm
 from m2f_deploy.export.msda import flavour, msda_deform_conv, msda_gather, sampling_canvas
 from m2f_deploy.export.onnx_export import inference_graph
 from m2f_deploy.export.static_dims import fold_static_dims
+from m2f_deploy.export.trt_support import check_tensorrt_support
 from m2f_deploy.export.validate import session
 from m2f_deploy.modeling import Mask2Former, msda_grid_sample
 from m2f_deploy.modeling.swin import SwinLayer, window_tables
@@ -63,11 +64,44 @@ def test_onnxruntime_deform_conv_kernel_equals_the_reference(tmp_path):
     graph = onnx.load(str(path))
     nodes = [n for n in graph.graph.node if n.op_type == "DeformConv"]
     assert len(nodes) == len(SHAPES) and not any(n.domain for n in nodes)  # standard ONNX, one per level
+    # TensorRT takes equal begin/end pads only; these levels have odd margins, met by one more zero row/column
+    pads = [list(helper.get_attribute_value(a)) for n in nodes for a in n.attribute if a.name == "pads"]
+    assert all(p[:2] == p[2:] for p in pads), pads
+    assert sum(n.op_type == "Pad" for n in graph.graph.node) > 0
     sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (2, 3):
         v, loc, w = _msda_inputs(batch=batch, seed=batch)
         (got,) = sess.run(None, {"v": v.numpy(), "loc": loc.numpy(), "w": w.numpy()})
         np.testing.assert_allclose(got, msda_grid_sample(v, SHAPES, loc, w).numpy(), atol=1e-5, rtol=0)
+
+
+def test_a_zero_row_and_column_for_equal_pads_give_the_same_numbers():
+    """onnxruntime's DeformConv: an (h, w) map with unequal pads against the map with one zero row and column more
+    and equal pads (the begin pads unchanged): bit for bit the same, taps outside the map included."""
+    h, w, oh, ow, points = 3, 5, 8, 9, 4  # margins 5 (rows) and 7 (columns): odd
+    rng = np.random.default_rng(0)
+    maps = rng.standard_normal((1, 4, h, w)).astype(np.float32)
+    offsets = (rng.standard_normal((1, 2 * points * 2, oh, ow)) * 4).astype(np.float32)  # well outside, too
+    mask = rng.random((1, 2 * points, oh, ow)).astype(np.float32)
+    top, left = (oh - h) // 2, (ow - w + points - 1) // 2
+    unequal = [top, left, oh - h - top, ow - w + points - 1 - left]
+
+    def run(x, pads):
+        node = helper.make_node("DeformConv", ["x", "w", "off", "b", "m"], ["y"], kernel_shape=[1, points], pads=pads,
+                                group=4, offset_group=2)  # fmt: skip
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("x", "off", "m")],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(np.ones((4, 1, 1, points), np.float32), "w"),
+             onnx.numpy_helper.from_array(np.zeros(4, np.float32), "b")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x, "off": offsets, "m": mask})[0]
+
+    padded = np.pad(maps, ((0, 0), (0, 0), (0, 1), (0, 1)))
+    np.testing.assert_array_equal(run(padded, [top, left, top, left]), run(maps, unequal))
+    assert run(maps, unequal).shape == (1, 4, oh, ow) and np.abs(run(maps, unequal)).max() > 0
 
 
 def test_sampling_canvas_holds_every_query_and_level():
@@ -89,6 +123,13 @@ def test_deform_conv_export_matches_torch_and_needs_static_size(tmp_path):
     assert sum(n.op_type == "DeformConv" for n in graph.graph.node) == 3 * model.config.encoder_layers
     assert not any(n.op_type == "GridSample" for n in graph.graph.node)
     assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 19
+    # TensorRT: equal DeformConv pads (10.1+ imports DeformConv); so does its fp16 graph (the same conversion)
+    assert check_tensorrt_support(path).findings == []
+    from m2f_deploy.export.fp16 import to_fp16
+
+    assert check_tensorrt_support(to_fp16(onnx.load(str(path)))).findings == []
+    assert [f.versions for f in check_tensorrt_support(path, ["10.0", "10.3"]).errors] == [("10.0",)] * len(
+        [n for n in graph.graph.node if n.op_type == "DeformConv"])  # fmt: skip
     sess = session(path, "deform_conv")
     x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))  # batch 3: the batch stays dynamic
     got = sess.run(None, {"pixel_values": x.numpy()})

@@ -18,6 +18,7 @@ from m2f_deploy.artifact import read_onnx_metadata as _metadata
 from m2f_deploy.cli.export import main as export_main
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import export_onnx, validate_onnx
+from m2f_deploy.export.trt_support import check_tensorrt_support
 from m2f_deploy.export.validate import ValidationError, session
 from m2f_deploy.modeling import Mask2Former
 from m2f_deploy.runtime.plugin_standin import count_plugin_nodes
@@ -53,10 +54,28 @@ def _op_types(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def assert_tensorrt_support(path, msda, plugin_version=1):
+    """What the static TensorRT check expects of our graphs (README, "Static TensorRT check"): every flavour passes
+    for TensorRT 10.3, 10.16 and 11.x; plugin version 1 is deprecated from 10.11, version 2 needs 10.11."""
+    report = check_tensorrt_support(path)
+    if msda == "trt_plugin" and plugin_version == 2:
+        assert {(f.rule, f.versions) for f in report.findings} == {
+            ("plugin_version 2 exists from TensorRT 10.11", ("10.3",))}, report.format()
+        assert check_tensorrt_support(path, ["10.16", "11.x"]).findings == []
+        return
+    assert report.ok, report.format()
+    if msda == "trt_plugin":
+        assert {f.versions for f in report.findings} == {("10.16", "11.x")}
+        assert {f.severity for f in report.findings} == {"deprecated"}
+    else:
+        assert report.findings == [], report.format()
+
+
 @pytest.mark.parametrize("msda", ["grid_sample", "gather", "trt_plugin"])
 def test_torchscript_flavours_with_dynamic_batch_and_size(tiny, tmp_path, msda):
     path = export_onnx(tiny, tmp_path / "m.onnx", height=64, width=64, msda=msda, dynamic_hw=True)
     _check_against_torch(tiny, path, msda, (3, 3, 96, 160))
+    assert_tensorrt_support(path, msda)
     ops = _op_types(path)
     if msda == "grid_sample":
         assert "GridSample" in ops
@@ -81,6 +100,7 @@ def test_torchscript_flavours_with_dynamic_batch_and_size(tiny, tmp_path, msda):
 def test_dynamo_flavours_with_dynamic_batch(tiny, tmp_path, msda):
     path = export_onnx(tiny, tmp_path / "m.onnx", height=64, width=96, msda=msda, exporter="dynamo")
     _check_against_torch(tiny, path, msda, (3, 3, 64, 96))
+    assert_tensorrt_support(path, msda)
     meta = _metadata(path)
     assert meta["exporter"]["name"] == "dynamo" and meta["exporter"]["opset"] >= 18
     # nodes are named by module scope, as the fp16 block list needs
@@ -92,6 +112,24 @@ def test_static_axes_are_static(tiny, tmp_path):
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 3, 64, 64]
     assert _metadata(path)["input"]["dynamic_batch"] is False
+    # static sizes: Swin's window tables are constants, with no NonZero (BOOL) left over from building them
+    assert "NonZero" not in _op_types(path)
+    assert_tensorrt_support(path, "grid_sample")
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_plugin_version_2(tiny, tmp_path, exporter):
+    """--trt-plugin-version 2: the nodes ask for version 2, the metadata says so, the stand-in (the export's gate)
+    runs it; the static check wants TensorRT >= 10.11 for it."""
+    path = export_onnx(tiny, tmp_path / "m.onnx", height=64, width=64, msda="trt_plugin", exporter=exporter,
+                       trt_plugin_version=2)  # fmt: skip
+    plugins = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MultiscaleDeformableAttnPlugin_TRT"]
+    assert plugins and all(onnx.helper.get_attribute_value(a) == b"2" for n in plugins for a in n.attribute
+                           if a.name == "plugin_version")  # fmt: skip
+    assert _metadata(path)["exporter"]["trt_plugin_version"] == 2
+    assert_tensorrt_support(path, "trt_plugin", plugin_version=2)
+    with pytest.raises(InputError, match="has versions 1 .* and 2"):
+        export_onnx(tiny, tmp_path / "x.onnx", height=64, width=64, msda="trt_plugin", trt_plugin_version=3)
 
 
 def test_metadata_is_complete(tiny, tiny_dir, tmp_path):
@@ -111,6 +149,8 @@ def test_metadata_is_complete(tiny, tiny_dir, tmp_path):
 def test_fp16_graph(tiny, tmp_path):
     p32 = export_onnx(tiny, tmp_path / "m32.onnx", height=64, width=64)
     p16 = export_onnx(tiny, tmp_path / "m16.onnx", height=64, width=64, fp16=True)
+    assert_tensorrt_support(p32, "grid_sample")
+    assert_tensorrt_support(p16, "grid_sample")
     graph = onnx.load(str(p16))
     assert _metadata(p16)["precision"] == "fp16"
     # inputs and outputs stay float32; weights are float16
@@ -211,8 +251,11 @@ def test_api_rejects_bad_size(tiny, tmp_path):
 def test_swin_tiny_preset_exports_and_validates(tmp_path, capsys):
     """The full Swin-T architecture at 384x384 through the CLI (random weights; the gate runs)."""
     out = tmp_path / "swin-t.onnx"
-    assert export_main(["--preset", "swin-tiny-coco-panoptic", "-o", str(out)]) == 0
-    assert "RANDOM weights" in capsys.readouterr().err
+    assert export_main(["--preset", "swin-tiny-coco-panoptic", "-o", str(out), "--check-tensorrt"]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err
+    # the static TensorRT check after the export, on the full-size graph
+    assert captured.out.splitlines()[-1] == f"{out}: passes for TensorRT 10.3, 10.16, 11.x"
     meta = _metadata(out)
     assert meta["num_queries"] == 100 and meta["num_labels"] == 133
     assert meta["input"]["height"] == 384 and meta["source"]["checkpoint"] is None

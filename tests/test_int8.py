@@ -15,6 +15,7 @@ from m2f_deploy.data import write_dataset
 from m2f_deploy.errors import InputError, M2FError
 from m2f_deploy.export import export_onnx
 from m2f_deploy.export.int8 import quantize_int8
+from m2f_deploy.export.trt_support import check_tensorrt_support
 from m2f_deploy.runtime import Segmenter
 
 
@@ -94,8 +95,18 @@ def test_int8_targets_quantize_activations_their_way(setup, tmp_path):
             assert len(biases) > 10 and all(b is not None and b.dtype == np.int32 for b in biases)
         else:
             assert not biases
-    with pytest.raises(InputError, match="quantized for onnxruntime CPU"):
-        build_engine(tmp_path / "cpu.onnx", int8=True)  # refused before TensorRT is even looked for
+            # no int32 bias anywhere (Conv's either): TensorRT dequantizes INT8 only
+            assert all(inits[n.input[0]].dtype == np.int8 for n in graph.graph.node
+                       if n.op_type == "DequantizeLinear" and n.input[0] in inits)  # fmt: skip
+    # the static TensorRT check: the tensorrt target's graph passes; the cpu one is refused (uint8 activations and
+    # zero points), with the way out, before TensorRT is even looked for
+    assert check_tensorrt_support(tmp_path / "tensorrt.onnx").findings == []
+    cpu = check_tensorrt_support(tmp_path / "cpu.onnx")
+    assert not cpu.ok and {f.versions for f in cpu.errors} == {("10.3", "10.16", "11.x")}
+    assert {f.op for f in cpu.errors} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert any("UINT8" in f.rule for f in cpu.errors) and any("zero_point must be zero" in f.rule for f in cpu.errors)
+    with pytest.raises(InputError, match="--int8-target tensorrt"):
+        build_engine(tmp_path / "cpu.onnx", int8=True)
     with pytest.raises(InputError, match="unknown INT8 target 'gpu'"):
         quantize_int8(fp32, tmp_path / "q.onnx", images, target="gpu")
     with pytest.raises(InputError, match="--int8-target is for --int8 --calib"):

@@ -99,13 +99,13 @@ def test_numpy_rejects_levels_that_do_not_fit_value():
 # ---------------------------------------------------------------- ONNX graphs
 
 
-def _plugin_node(inputs, output, name):
+def _plugin_node(inputs, output, name, version="1"):
     return helper.make_node(
-        PLUGIN_OP_TYPE, inputs, [output], name=name, domain="trt.plugins", plugin_version="1", plugin_namespace=""
+        PLUGIN_OP_TYPE, inputs, [output], name=name, domain="trt.plugins", plugin_version=version, plugin_namespace=""
     )
 
 
-def _plugin_model(shapes, n, lq, m, d, p, elem_type=TensorProto.FLOAT, chained=False):
+def _plugin_model(shapes, n, lq, m, d, p, elem_type=TensorProto.FLOAT, chained=False, version="1"):
     """value_in + bias -> plugin -> Reshape [N, Lq, M*D]; with ``chained`` a second plugin takes
     the first one's output as its value (needs Lq == S)."""
     s, levels = sum(h * w for h, w in shapes), len(shapes)
@@ -119,7 +119,7 @@ def _plugin_model(shapes, n, lq, m, d, p, elem_type=TensorProto.FLOAT, chained=F
     tables = ["spatial_shapes", "level_start_index"]
     nodes = [
         helper.make_node("Add", ["value_in", "bias"], ["value"], name="add"),
-        _plugin_node(["value", *tables, "locations", "weights"], "attn", "msda_0"),
+        _plugin_node(["value", *tables, "locations", "weights"], "attn", "msda_0", version),
     ]
     if chained:
         nodes.append(_plugin_node(["attn", *tables, "locations", "weights"], "attn_1", "msda_1"))
@@ -160,10 +160,11 @@ def test_count_plugin_nodes(tmp_path):
     assert count_plugin_nodes(tmp_path / "m.onnx") == 2
 
 
-def test_session_one_plugin_node_matches_torch():
+@pytest.mark.parametrize("version", ["1", "2"])  # 2 (IPluginV3, TensorRT >= 10.11) takes the same inputs
+def test_session_one_plugin_node_matches_torch(version):
     pytest.importorskip("onnxruntime_extensions")
     shapes, (n, lq, m, d, p) = LEVEL_SETS["non-square"], (2, 9, 3, 5, 4)
-    model = _plugin_model(shapes, n, lq, m, d, p)
+    model = _plugin_model(shapes, n, lq, m, d, p, version=version)
     before = model.SerializeToString()
     inputs = _inputs(shapes, n, lq, m, d, p)
     (out,) = standin_session(model).run(None, _feed(inputs))
@@ -173,6 +174,12 @@ def test_session_one_plugin_node_matches_torch():
     assert out.dtype == np.float32 and out.shape == (n, lq, m * d)
     assert np.abs(out - ref).max() <= TOL
     np.testing.assert_array_equal(out, _expected(inputs))
+
+
+def test_session_refuses_a_plugin_version_that_does_not_exist():
+    pytest.importorskip("onnxruntime_extensions")
+    with pytest.raises(InputError, match="plugin_version '3' is not one of 1, 2"):
+        standin_session(_plugin_model([(3, 4)], n=1, lq=12, m=2, d=3, p=2, version="3"))
 
 
 @pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16], ids=["float32", "float16"])

@@ -74,6 +74,15 @@ def build_parser() -> Parser:
                           "in reduced precision (strongly typed builds take the graph's types)")
     trt.add_argument("--tf32", action="store_true",
                      help="allow TF32 kernels for float32 layers (Ampere and newer; default off: fp32 means fp32)")
+    c = p.add_argument_group("static TensorRT check (no TensorRT needed)")
+    c.add_argument("--check-tensorrt", action="store_true",
+                   help="check every node of the graph (an .onnx, or the one just exported) against TensorRT's "
+                        "documented ONNX support; print the findings, exit 1 on any")
+    c.add_argument("--trt-version", action="append", metavar="X.Y",
+                   help="TensorRT version(s) to check for (repeatable; default: 10.3, 10.16, 11.x)")
+    c.add_argument("--trt-plugin-version", type=int, default=None, metavar="{1,2}",
+                   help="--msda trt_plugin: MultiscaleDeformableAttnPlugin_TRT version, 1 (default; TensorRT 10 "
+                        "and 11, JetPack 6) or 2 (TensorRT >= 10.11)")
     return p
 
 
@@ -102,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         fp16=args.fp16, int8=args.int8, tf32=args.tf32, shapes=args.shapes, workspace_gib=args.workspace,
         timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
     )  # fmt: skip
+    if args.trt_version:
+        if not args.check_tensorrt:
+            raise InputError("--trt-version is for --check-tensorrt (a build checks for the installed TensorRT)")
+        from m2f_deploy.export.trt_support import parse_trt_version
+
+        for version in args.trt_version:
+            parse_trt_version(version)  # bad input before anything slow
+    if args.trt_plugin_version is not None and args.msda != "trt_plugin":
+        raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
+    if args.checkpoint and str(args.checkpoint).endswith(".onnx") and args.check_tensorrt and not args.int8:
+        return _check_tensorrt(Path(args.checkpoint), args.trt_version)
     calibration = _calibration_images(args)
     if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
         if calibration:
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
         dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
         exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-        seed=args.seed,
+        seed=args.seed, **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version else {}),
     )  # fmt: skip
     if calibration:
         try:
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             fp32_output.unlink(missing_ok=True)
             fp32_output.with_name(fp32_output.name + ".data").unlink(missing_ok=True)
     print(output)
+    if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
+        return 1
     if args.engine:
         from m2f_deploy.export.tensorrt import build_engine
 
@@ -183,14 +205,21 @@ def _quantize(fp32: Path, output: Path, images: list[Path], args) -> None:
     progress.close()
 
 
+def _check_tensorrt(onnx_path: Path, versions: list[str] | None) -> int:
+    """Print the static TensorRT check of ``onnx_path``; 1 when it found anything TensorRT would refuse."""
+    from m2f_deploy.export.trt_support import check_tensorrt_support
+
+    report = check_tensorrt_support(onnx_path, versions)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:
-    from m2f_deploy.artifact import read_onnx_metadata
-    from m2f_deploy.export.tensorrt import build_engine, check_tensorrt, profile_shapes
+    from m2f_deploy.export.tensorrt import build_engine
 
     if output is not None and output.suffix != ".engine":
         raise InputError(f"-o {output}: an engine built from {onnx_path.name} is written to a .engine file")
-    profile_shapes(read_onnx_metadata(onnx_path), engine_args["shapes"])  # bad input first, then the missing TensorRT
-    check_tensorrt()
+    # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
     print(build_engine(onnx_path, output, **engine_args))
     return 0
 

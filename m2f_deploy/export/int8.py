@@ -149,8 +149,10 @@ def quantize_int8(
             op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=weighted, per_channel=True,
             activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, {"minmax": "MinMax"}.get(method, method.title())),
+            # TensorRT dequantizes INT8/FP8/INT4 only: Conv biases stay float for it (the int32 ones onnxruntime
+            # quantizes by default failed the static TensorRT check)
             extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True,
-                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], "QuantizeBias": target == "cpu"},
         )  # fmt: skip
         graph = onnx.load(str(raw))
         meta["precision"] = "int8"

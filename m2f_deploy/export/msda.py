@@ -37,6 +37,10 @@ STATIC_SIZE_FLAVOURS = ("deform_conv",)
 MIN_OPSET = {"deform_conv": 19}  # DeformConv's first opset; the others need GridSample's 16 at most
 PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
 PLUGIN_DOMAIN = "trt.plugins"
+# The plugin's versions, same inputs and outputs: 1 (IPluginV2) in every TensorRT 10 and 11 (deprecated from 10.11),
+# 2 (IPluginV3) from TensorRT 10.11. The default runs on JetPack 6 (TensorRT 10.3).
+PLUGIN_VERSIONS = (1, 2)
+DEFAULT_PLUGIN_VERSION = 1
 _NAMESPACE, _OP = "m2f_deploy", "msda_trt_plugin"
 _QUALNAME = f"{_NAMESPACE}::{_OP}"
 _DEFORM_OP = "deform_sample"
@@ -88,13 +92,16 @@ def _plugin_fake(value: Tensor, shapes: Tensor, starts: Tensor, locations: Tenso
     return value.new_empty((n, lq, m, value.shape[-1]))
 
 
-def _plugin_symbolic(g, value, shapes, starts, locations, weights):
-    out = g.op(
-        f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", value, shapes, starts, locations, weights,
-        plugin_version_s="1", plugin_namespace_s="",
-    )  # fmt: skip
-    out.setType(value.type())
-    return out
+def _plugin_symbolic(version: int):
+    def symbolic(g, value, shapes, starts, locations, weights):
+        out = g.op(
+            f"{PLUGIN_DOMAIN}::{PLUGIN_OP}", value, shapes, starts, locations, weights,
+            plugin_version_s=str(version), plugin_namespace_s="",
+        )  # fmt: skip
+        out.setType(value.type())
+        return out
+
+    return symbolic
 
 
 def _plugin_schema():
@@ -116,15 +123,18 @@ def _plugin_schema():
     )  # fmt: skip
 
 
-def _plugin_translation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """The dynamo exporter's translation of the custom op (the schema is registered meanwhile)."""
-    import onnxscript
+def _plugin_translation(version: int):
+    def translation(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        """The dynamo exporter's translation of the custom op (the schema is registered meanwhile)."""
+        import onnxscript
 
-    plugins = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
-    return getattr(plugins, PLUGIN_OP)(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        plugin_version="1", plugin_namespace="",
-    )  # fmt: skip
+        plugins = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+        return getattr(plugins, PLUGIN_OP)(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            plugin_version=str(version), plugin_namespace="",
+        )  # fmt: skip
+
+    return translation
 
 
 def msda_trt_plugin(
@@ -144,8 +154,8 @@ def msda_trt_plugin(
 
 
 @contextmanager
-def _plugin_op(opset: int) -> Iterator[dict]:
-    """Define the plugin custom op and its symbolic for the duration of one export."""
+def _plugin_op(opset: int, version: int) -> Iterator[dict]:
+    """Define the plugin custom op and its symbolic (plugin ``version``) for the duration of one export."""
     lib = torch.library.Library(_NAMESPACE, "FRAGMENT")
     lib.define(
         f"{_OP}(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
@@ -153,14 +163,14 @@ def _plugin_op(opset: int) -> Iterator[dict]:
     )
     lib.impl(_OP, _plugin_eager, "CompositeExplicitAutograd")
     lib.impl(_OP, _plugin_fake, "Meta")
-    torch.onnx.register_custom_op_symbolic(_QUALNAME, _plugin_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic(_QUALNAME, _plugin_symbolic(version), opset)
     from onnx import defs
 
     registered = not defs.has(PLUGIN_OP, PLUGIN_DOMAIN)
     if registered:  # onnxscript builds nodes only for ops with a schema
         defs.register_schema(_plugin_schema())
     try:
-        yield {getattr(getattr(torch.ops, _NAMESPACE), _OP).default: _plugin_translation}
+        yield {getattr(getattr(torch.ops, _NAMESPACE), _OP).default: _plugin_translation(version)}
     finally:
         if registered:
             defs.deregister_schema(PLUGIN_OP, 1, PLUGIN_DOMAIN)
@@ -186,10 +196,17 @@ def sampling_canvas(num_queries: int, spatial_shapes: Sequence[tuple[int, int]])
     return side, max(-(-num_queries // side), least_w)
 
 
-def _deform_pads(h: int, w: int, oh: int, ow: int, points: int) -> list[int]:
-    """DeformConv pads [top, left, bottom, right] giving an (oh, ow) output for an (h, w) input, kernel 1 x P."""
-    top, left = (oh - h) // 2, (ow - w + points - 1) // 2
-    return [top, left, oh - h - top, ow - w + points - 1 - left]
+def _deform_geometry(h: int, w: int, oh: int, ow: int, points: int) -> tuple[int, int, list[int]]:
+    """How an (h, w) level map gives an (oh, ow) DeformConv output, kernel 1 x P: (extra rows, extra columns, pads
+    [top, left, bottom, right]).
+
+    TensorRT imports DeformConv only with equal begin and end pads per axis. Where the margin is odd, the map gets
+    one zero row (column) at its far end and the pads are equal: bilinear sampling reads zeros there anyway, and
+    the begin pads, which the base positions follow, are those of the odd margin rounded down. The same numbers.
+    """
+    extra_h, extra_w = (oh - h) % 2, (ow - w + points - 1) % 2
+    top, left = (oh - h - extra_h) // 2, (ow - w - extra_w + points - 1) // 2
+    return extra_h, extra_w, [top, left, top, left]
 
 
 def _base_positions(oh: int, ow: int, points: int, pads: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -229,11 +246,13 @@ def msda_deform_conv(
     out = None
     start = 0
     for level, (h, w) in enumerate(shapes):
-        pads = _deform_pads(h, w, oh, ow, points)
+        extra_h, extra_w, pads = _deform_geometry(h, w, oh, ow, points)
         base = _base_positions(oh, ow, points, pads, value.dtype)
         to_pixels = torch.tensor([[h], [w]], dtype=value.dtype)  # (y, x) rows
         offsets = locations[:, level] * to_pixels - (base + 0.5)  # [N, M, P, 2, OH*OW]
         maps = value[:, start : start + h * w].reshape(-1, h, w, m * d).permute(0, 3, 1, 2)
+        if extra_h or extra_w:
+            maps = F.pad(maps, (0, extra_w, 0, extra_h))
         sampled = deform_sample(
             maps, offsets.reshape(-1, m * points * 2, oh, ow), weights[:, level].reshape(-1, m * points, oh, ow),
             pads, m,
@@ -333,14 +352,22 @@ def check_flavour(name: str) -> None:
         raise InputError(f"unknown MSDA flavour {name!r}{did_you_mean(name, FLAVOURS)}; choose one of {', '.join(FLAVOURS)}")
 
 
+def check_plugin_version(version: int) -> None:
+    if version not in PLUGIN_VERSIONS:
+        raise InputError(f"TensorRT plugin version {version!r}: {PLUGIN_OP} has versions 1 (TensorRT 10 and 11; "
+                         "the default, for JetPack 6's 10.3) and 2 (TensorRT >= 10.11)")  # fmt: skip
+
+
 @contextmanager
-def flavour(name: str, opset: int) -> Iterator[dict]:
-    """Swap the model's MSDA for ``name`` inside the block; yields the dynamo translation table."""
+def flavour(name: str, opset: int, plugin_version: int = DEFAULT_PLUGIN_VERSION) -> Iterator[dict]:
+    """Swap the model's MSDA for ``name`` inside the block; yields the dynamo translation table.
+    ``plugin_version``: the ``MultiscaleDeformableAttnPlugin_TRT`` version the ``trt_plugin`` nodes ask for."""
     check_flavour(name)
+    check_plugin_version(plugin_version)
     with ExitStack() as stack:
         table: dict = {}
         if name == "trt_plugin":
-            table = stack.enter_context(_plugin_op(opset))
+            table = stack.enter_context(_plugin_op(opset, plugin_version))
         elif name == "deform_conv":
             table = stack.enter_context(_deform_op(opset))
         impl = {"grid_sample": msda_grid_sample, "gather": msda_gather, "trt_plugin": msda_trt_plugin,

@@ -286,6 +286,7 @@ def export_onnx(
     validate: bool = True,
     tolerances: dict[str, float] | None = None,
     seed: int = 0,
+    trt_plugin_version: int = msda_flavours.DEFAULT_PLUGIN_VERSION,
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path`` and return the path.
 
@@ -293,12 +294,15 @@ def export_onnx(
     msda: ``grid_sample`` | ``gather`` | ``trt_plugin`` | ``deform_conv`` (static size; the fastest on onnxruntime
     CPU), see :mod:`m2f_deploy.export.msda`.
     exporter: ``torchscript`` (default; see the README for why) or ``dynamo``.
+    trt_plugin_version: the ``MultiscaleDeformableAttnPlugin_TRT`` version of ``trt_plugin`` nodes (1: TensorRT 10
+    and 11, deprecated from 10.11; 2: TensorRT >= 10.11), recorded in the metadata.
     validate: compare onnxruntime with the model before publishing; a miss raises
     :class:`~m2f_deploy.export.validate.ValidationError` and writes nothing.
     """
     opset = default_opset(exporter, msda) if opset is None else opset
     path = Path(path)
     check_export_args(height, width, batch, msda, exporter, opset, dynamic_hw=dynamic_hw)
+    msda_flavours.check_plugin_version(trt_plugin_version)
     if cleanup not in CLEANUPS:
         raise InputError(f"unknown clean-up {cleanup!r}{did_you_mean(cleanup, CLEANUPS)}; choose one of {', '.join(CLEANUPS)}")
     check_output_path(path)
@@ -312,7 +316,7 @@ def export_onnx(
         raw = Path(tmpdir) / "raw.onnx"
         with stage(f"export ({exporter}, msda={msda}, opset {opset}, {batch}x3x{height}x{width})"):
             with torch.inference_mode(False), torch.no_grad(), inference_graph(model, not dynamic_hw), \
-                    msda_flavours.flavour(msda, opset) as table:
+                    msda_flavours.flavour(msda, opset, trt_plugin_version) as table:
                 wrapper = LogitsOnly(model).eval()
                 if exporter == "torchscript":
                     _torchscript(wrapper, x, raw, opset, axes)
@@ -338,6 +342,7 @@ def export_onnx(
             exporter={
                 "name": exporter, "m2f_deploy": m2f_deploy.__version__, "torch": torch.__version__,
                 "onnx": onnx.__version__, "opset": _opset_of(graph), "cleanup": cleanup,
+                **({"trt_plugin_version": trt_plugin_version} if msda == "trt_plugin" else {}),
             },
         )  # fmt: skip
         del graph.metadata_props[:]

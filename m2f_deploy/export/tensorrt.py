@@ -33,6 +33,7 @@ from typing import Any
 from m2f_deploy.artifact import INPUT_NAME, engine_sidecar_path, read_onnx_metadata
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.export.precision import tensorrt_fp32_layer
+from m2f_deploy.export.trt_support import require_tensorrt_support
 from m2f_deploy.runtime import trt_api
 from m2f_deploy.utils import atomic_output, sha256_file
 
@@ -150,8 +151,9 @@ def build_engine(
         )
     int8 = int8 or meta["precision"] == "int8"
     fp16 = fp16 or meta["precision"] == "fp16"
-
-    # -- the static TensorRT compatibility check of the ONNX file belongs HERE: before TensorRT is imported --------
+    # the static check against TensorRT's documented ONNX support: a node TensorRT would refuse is named here, after
+    # the cheap checks of the arguments and before TensorRT is looked for
+    require_tensorrt_support(onnx_path)
 
     trt = _tensorrt()
     from m2f_deploy.runtime.cuda import gpu_info
@@ -349,6 +351,7 @@ def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
         ) from None
     log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
     model = to_fp16(onnx.load(str(onnx_path)))
+    require_tensorrt_support(model)  # what TensorRT will parse is this graph: checked like the one given
     out = scratch / f"{onnx_path.stem}-fp16.onnx"
     onnx.save(model, str(out), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 26))
     return out

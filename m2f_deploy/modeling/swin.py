@@ -10,6 +10,7 @@ is unconditional while tracing, and there is no branching on tensor values.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -186,16 +187,18 @@ def window_tables(h: int, w: int, ws: int, shift: int) -> tuple[Tensor, Tensor]:
     ``gather`` [nW * ws * ws]: for window token k (windows in :func:`window_partition` order, over the map padded
     to multiples of ``ws`` and rolled by ``-shift``), the map token it reads, or ``h * w`` (a zero token) for
     padding. ``scatter`` [h * w]: for map token t, the window token that holds it (the inverse, padding dropped).
+    The tables are built in numpy, off the trace: built with torch, the TorchScript exporter kept the boolean
+    indexing in the graph as NonZero / GatherND / ScatterND nodes of constants (TensorRT takes no BOOL NonZero).
     """
     hp, wp = h + pad_amount(h, ws), w + pad_amount(w, ws)
-    rows = (torch.arange(hp) + shift) % hp  # rolled row i reads padded row (i + shift) mod hp
-    cols = (torch.arange(wp) + shift) % wp
-    source = torch.where((rows[:, None] < h) & (cols[None, :] < w), rows[:, None] * w + cols[None, :], h * w)
-    gather = window_partition(source[None, :, :, None], ws).flatten()
-    scatter = torch.empty(h * w, dtype=torch.long)
+    rows = (np.arange(hp) + shift) % hp  # rolled row i reads padded row (i + shift) mod hp
+    cols = (np.arange(wp) + shift) % wp
+    source = np.where((rows[:, None] < h) & (cols[None, :] < w), rows[:, None] * w + cols[None, :], h * w)
+    gather = source.reshape(hp // ws, ws, wp // ws, ws).transpose(0, 2, 1, 3).reshape(-1)  # window_partition order
+    scatter = np.empty(h * w, dtype=np.int64)
     taken = gather < h * w
-    scatter[gather[taken]] = torch.arange(gather.numel())[taken]
-    return gather, scatter
+    scatter[gather[taken]] = np.arange(gather.size)[taken]
+    return torch.from_numpy(gather.astype(np.int64)), torch.from_numpy(scatter)
 
 
 class SwinLayer(nn.Module):

@@ -45,6 +45,7 @@ from onnx import TensorProto, helper
 from m2f_deploy.errors import InputError, M2FError
 
 PLUGIN_OP_TYPE = "MultiscaleDeformableAttnPlugin_TRT"
+PLUGIN_VERSIONS = ("1", "2")
 STANDIN_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' domain for Python custom ops
 STANDIN_OP_TYPE = "M2FMultiscaleDeformableAttnStandin"
 _CASTLIKE_OPSET = 15
@@ -287,6 +288,9 @@ def _standin_nodes(node: onnx.NodeProto, session_key: str) -> list[onnx.NodeProt
             f"{PLUGIN_OP_TYPE} node {node.name!r} must have 5 inputs and 1 output, "
             f"has {list(node.input)} -> {list(node.output)}"
         )
+    version = next((a.s.decode() for a in node.attribute if a.name == "plugin_version"), "1")
+    if version not in PLUGIN_VERSIONS:  # 2 (IPluginV3, TensorRT >= 10.11) computes what 1 does, from the same inputs
+        raise InputError(f"{PLUGIN_OP_TYPE} node {node.name!r}: plugin_version {version!r} is not one of 1, 2")
     value, spatial_shapes, level_start_index, locations, weights = node.input
     output = node.output[0]
     name = node.name or output
