@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2f_deploy.processing.resize import bilinear, resize_maps
+from m2f_deploy.processing.postprocess.resample import bilinear, resize_maps
 
 
 def synthetic_outputs(
