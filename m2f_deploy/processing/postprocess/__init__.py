@@ -21,9 +21,9 @@ How the fast path cuts the work without changing results:
 
 Where both paths differ from HF, on purpose: results are numpy arrays (HF: torch tensors; same dtypes); values
 agree with torch to float32 rounding, so a pixel whose two best scores tie to ~1e-7 may go either way; passing
-``pixel_mask`` (from ``preprocess``) crops each image's padding away before the first resize (the logits are
-upsampled to the padded input, cropped to the image, and that is resized to the working grid; HF resizes padded
-logits as they are, which stretches the padding into the result); instance segments come in a documented order
+``pixel_mask`` (from ``preprocess``) crops each image's padding away before the first resize (along each axis
+that has padding, the logits are upsampled to the padded input, cropped to the image, and that is resized to the
+working grid; HF resizes padded logits as they are, which stretches the padding into the result); instance segments come in a documented order
 (:mod:`.instance`: score descending; HF's order depends on how torch was built); NaN or infinite logits are
 rejected.
 """

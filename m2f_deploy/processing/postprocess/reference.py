@@ -6,8 +6,8 @@ the fast path is tested against (``tests/test_processing_reference.py``); select
 ``ImageProcessor(postprocess="reference")`` or ``m2f-predict --exact`` when a pixel of the fast path looks wrong.
 
 It differs from HF where the fast path does, on purpose (see :mod:`m2f_deploy.processing.postprocess`):
-``pixel_mask`` crops the padding (logits upsampled to the padded input, cropped to the image, resized to the
-working grid: two resizes here, one composed map in the fast path), instance segments are ordered by score
+``pixel_mask`` crops the padding (along each padded axis, logits upsampled to the padded input, cropped to the
+image, resized to the working grid: two resizes here, one composed map in the fast path), instance segments are ordered by score
 descending (ties by query, then class) and the highest score wins overlapping pixels, the top-k takes class
 probabilities largest first (ties by query, then class), and arrays are numpy.
 """
@@ -34,12 +34,17 @@ from m2f_deploy.processing.rle import segmentation_to_rle
 
 def working_logits(masks: np.ndarray, region: Region | None) -> np.ndarray:
     """Mask logits ``[Q, h, w]`` resized (bilinear) to the working grid ``[Q, 384, 384]``; with a valid region,
-    upsampled to the padded input and cropped to the image first."""
-    (h, w), (gh, gw) = masks.shape[1:], WORKING_SIZE
+    each axis that has padding is first upsampled to the padded input and cropped to the image (an axis without
+    padding is resized directly, as without ``pixel_mask``)."""
     if region is not None:
-        (h, w), (ph, pw) = region
-        masks = resize_maps(masks, bilinear(masks.shape[1], ph), bilinear(masks.shape[2], pw))[:, :h, :w]
-    return resize_maps(masks, bilinear(h, gh), bilinear(w, gw))
+        (vh, vw), (ph, pw) = region
+        h, w = masks.shape[1:]
+        if vh < ph:
+            masks = resize_maps(masks, bilinear(h, ph), bilinear(w, w))[:, :vh]  # bilinear(n, n): the identity
+        if vw < pw:
+            masks = resize_maps(masks, bilinear(masks.shape[1], masks.shape[1]), bilinear(w, pw))[:, :, :vw]
+    h, w = masks.shape[1:]
+    return resize_maps(masks, bilinear(h, WORKING_SIZE[0]), bilinear(w, WORKING_SIZE[1]))
 
 
 def _bilinear_to(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

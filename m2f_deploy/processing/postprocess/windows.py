@@ -30,8 +30,9 @@ from m2f_deploy.processing.postprocess.threads import SERIAL, Workers
 class WorkingGrid:
     """Maps one image's mask logits ``[Q, h, w]`` onto the 384x384 working grid.
 
-    With a valid region, the logits are taken to cover the padded input: they are upsampled to it, cropped to
-    the valid region, and that is resized to the working grid (all in one linear map per axis).
+    With a valid region, the logits are taken to cover the padded input: along each axis with padding they are
+    upsampled to it, cropped to the valid region, and that is resized to the working grid (all in one linear map
+    per axis, :func:`.resample.bilinear_cropped`).
     """
 
     def __init__(self, logits_size: Size, region: Region | None):
