@@ -26,6 +26,7 @@ from m2f_deploy.artifact import (
 )
 from m2f_deploy.errors import InputError
 from m2f_deploy.processing import ImageProcessor
+from m2f_deploy.processing.image_processor import POSTPROCESS
 from m2f_deploy.processing.images import flat_list
 from m2f_deploy.runtime import onnxrt
 from m2f_deploy.runtime.images import load_image
@@ -57,8 +58,10 @@ class Segmenter:
     ``backend``: ``auto`` (the fastest present: native TensorRT for engines; for ONNX onnxruntime's TensorRT, CUDA,
     then CPU provider; the one picked is in :attr:`backend` and logged) or one of :data:`BACKENDS`; a backend that
     is asked for and cannot start raises :class:`~m2f_deploy.errors.BackendError`. ``threads``: onnxruntime's
-    intra-op threads (default: its own). ``batch_size``: images per run in :meth:`predict` (default: the
-    artifact's export batch; a static-batch artifact always runs its own batch, the last one padded).
+    intra-op threads (default: its own) and the post-processing's (default: 1, the calling thread).
+    ``postprocess``: ``"fast"`` (default) or ``"reference"`` (HF's post-processing ported literally: slow, exact).
+    ``batch_size``: images per run in :meth:`predict` (default: the artifact's export batch; a static-batch
+    artifact always runs its own batch, the last one padded). :meth:`close` (or ``with``) ends both.
     """
 
     def __init__(
@@ -69,8 +72,16 @@ class Segmenter:
         threads: int | None = None,
         device_id: int = 0,
         batch_size: int | None = None,
+        postprocess: str = "fast",
     ):
         path = Path(artifact)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive whole number or None, got {threads!r}")
+        if postprocess not in POSTPROCESS:
+            raise InputError(
+                f"unknown postprocess {postprocess!r}{did_you_mean(str(postprocess), POSTPROCESS)}; "
+                f"choose one of {', '.join(POSTPROCESS)}"
+            )
         if backend not in BACKENDS:
             raise InputError(
                 f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose one of {', '.join(BACKENDS)}"
@@ -106,7 +117,9 @@ class Segmenter:
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
         self._hw_multiple = inp.get("hw_multiple", 32)
         canvas = None if self.dynamic_hw else self.input_size
-        self.processor = ImageProcessor(**{**self.metadata["preprocessing"], "canvas": canvas})
+        self.processor = ImageProcessor(
+            **{**self.metadata["preprocessing"], "canvas": canvas}, postprocess=postprocess, threads=threads
+        )
         default = batch_size or max(inp["batch"], self._batch_range[0])
         low, high = self._batch_range
         if not low <= default <= high and low != high:
@@ -127,6 +140,7 @@ class Segmenter:
 
     def close(self) -> None:
         self._runner.close()
+        self.processor.close()
 
     # -- raw outputs -----------------------------------------------------------------------------------------------
 
