@@ -134,6 +134,30 @@ def test_workers_run_tasks_on_the_pool_and_close_it():
         Workers(2).run([lambda: None, lambda: 1 / 0])
 
 
+def _run_in_child(workers: Workers) -> None:
+    out = []
+    workers.run([lambda: out.append(1)] * 4)
+    assert out == [1] * 4
+
+
+def test_a_forked_child_starts_its_own_pool():
+    import multiprocessing
+
+    workers = Workers(2)
+    workers.run([lambda: None] * 2)  # the parent's pool is running: its threads do not survive a fork
+    child = multiprocessing.get_context("fork").Process(target=_run_in_child, args=(workers,))
+    child.start()
+    child.join(60)
+    if child.is_alive():  # a pool inherited through a fork may never run its tasks
+        child.kill()
+    assert child.exitcode == 0
+    inherited = workers._pool
+    workers._pid = -1  # what a forked child sees: a pool started by another process
+    workers.run([lambda: None] * 2)
+    assert workers._pool is not inherited  # a new one
+    workers.close()
+
+
 def test_leaders_on_threads_equal_leaders_on_one():
     rng = np.random.default_rng(11)
     lower = rng.normal(0, 1, (8, PARALLEL_MIN // 8 + 3)).astype(np.float32)

@@ -51,7 +51,9 @@ def _cases(draw):
         ],
         "flat": lambda: np.zeros((batch, queries, classes + 1)),  # every class ties, every query ties
         # one class and "no object" at probability 1/2 each (= threshold 0.5), the rest far below
-        "at-threshold": lambda: np.where(np.arange(classes + 1) % classes == 0, 0.0, -40.0) * np.ones((batch, queries, 1)),
+        "at-threshold": lambda: np.broadcast_to(
+            np.where(np.arange(classes + 1) % classes == 0, 0.0, -40.0), (batch, queries, classes + 1)
+        ),
         "scene": lambda: scene["class_queries_logits"],
     }[class_kind]()
     masks = {
@@ -89,7 +91,9 @@ def _reference_working_probabilities(outputs, pixel_mask, b: int, queries=slice(
 
 
 def _to_target(maps: np.ndarray, size) -> np.ndarray:
-    return maps if size is None else resize_maps(maps, bilinear(maps.shape[1], size[0]), bilinear(maps.shape[2], size[1]))
+    if size is None:
+        return maps
+    return resize_maps(maps, bilinear(maps.shape[1], size[0]), bilinear(maps.shape[2], size[1]))
 
 
 # -- fast == reference ---------------------------------------------------------------------------------------------
@@ -180,14 +184,18 @@ def _check_panoptic(outputs, target_sizes, pixel_mask, threshold, mask_threshold
         # owners may differ only where the reference's two best weighted probabilities tie to rounding
         probs = softmax(outputs["class_queries_logits"][b])
         keep = (probs.argmax(axis=1) != probs.shape[1] - 1) & (probs.max(axis=1) > threshold)
-        weighted = _to_target(_reference_working_probabilities(outputs, pixel_mask, b, keep), target_sizes and target_sizes[b])
+        size = target_sizes[b] if target_sizes else None
+        weighted = _to_target(_reference_working_probabilities(outputs, pixel_mask, b, keep), size)
         weighted *= probs.max(axis=1)[keep][:, None, None]
         top = np.sort(weighted, axis=0)[-2:] if len(weighted) > 1 else np.concatenate([weighted, weighted])
         assert (top[1] - top[0] <= TOL)[got != want].all()
 
 
 def _fixed(classes: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
-    return {"class_queries_logits": classes.astype(np.float32)[None], "masks_queries_logits": masks.astype(np.float32)[None]}
+    return {
+        "class_queries_logits": classes.astype(np.float32)[None],
+        "masks_queries_logits": masks.astype(np.float32)[None],
+    }
 
 
 _RNG = np.random.default_rng(12)
@@ -224,8 +232,9 @@ def test_property_threads_change_nothing(case):
     outputs, target_sizes, pixel_mask = case
     with ImageProcessor(threads=2) as threaded:
         for task in ("semantic", "instance", "panoptic"):
-            one = getattr(FAST, f"post_process_{task}_segmentation")(outputs, target_sizes=target_sizes, pixel_mask=pixel_mask)
-            two = getattr(threaded, f"post_process_{task}_segmentation")(outputs, target_sizes=target_sizes, pixel_mask=pixel_mask)
+            options = {"target_sizes": target_sizes, "pixel_mask": pixel_mask}
+            one = getattr(FAST, f"post_process_{task}_segmentation")(outputs, **options)
+            two = getattr(threaded, f"post_process_{task}_segmentation")(outputs, **options)
             for a, b in zip(one, two):
                 a, b = (a, b) if task == "semantic" else (a["segmentation"], b["segmentation"])
                 np.testing.assert_array_equal(a, b)

@@ -221,6 +221,6 @@ def test_threads_and_postprocess_reach_the_processor(static_onnx, monkeypatch):
     fast = Segmenter(static_onnx)
     assert (fast.processor.postprocess, fast.processor.workers.threads) == ("fast", 1)  # the defaults
     assert np.mean(fast.predict(images()[0], "semantic")[0] == exact) >= 0.999
-    for bad, message in [({"threads": 0}, "threads must be a positive"), ({"postprocess": "exakt"}, "unknown postprocess")]:
+    for bad, message in [({"threads": 0}, "threads must be a"), ({"postprocess": "exakt"}, "unknown postprocess")]:
         with pytest.raises(InputError, match=message):
             Segmenter(static_onnx, **bad)

@@ -64,8 +64,9 @@ class ImageProcessor:
 
     def __init__(self, *, postprocess: str = "fast", threads: int | None = None, **options: Any):
         if postprocess not in POSTPROCESS:
+            hint = did_you_mean(str(postprocess), POSTPROCESS)
             raise ConfigError(
-                f"postprocess={postprocess!r} is not a post-processing path{did_you_mean(str(postprocess), POSTPROCESS)}; "
+                f"postprocess={postprocess!r} is not a post-processing path{hint}; "
                 f"choose one of {', '.join(POSTPROCESS)}"
             )
         try:
@@ -310,11 +311,7 @@ class ImageProcessor:
         :meth:`preprocess`, ours): crop each image's padding first. With ``return_segmentation_scores``: per image
         ``{"segmentation", "segmentation_scores" [C, H, W]}``.
         """
-        if self.postprocess == "reference":
-            return reference.semantic_segmentation(outputs, target_sizes, return_segmentation_scores, pixel_mask)
-        return postprocess.semantic_segmentation(
-            outputs, target_sizes, return_segmentation_scores, pixel_mask, self.workers
-        )
+        return self._post("semantic_segmentation", outputs, target_sizes, return_segmentation_scores, pixel_mask)
 
     def post_process_instance_segmentation(
         self,
@@ -335,13 +332,10 @@ class ImageProcessor:
         Segments come by score descending (ties: by query, then class), and the highest score wins pixels where
         masks overlap (HF's order depends on how torch was built; the segments and scores are HF's).
         """
-        args = (
-            outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes, return_coco_annotation,
-            return_binary_maps, pixel_mask,
+        return self._post(
+            "instance_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes,
+            return_coco_annotation, return_binary_maps, pixel_mask,
         )  # fmt: skip
-        if self.postprocess == "reference":
-            return reference.instance_segmentation(*args)
-        return postprocess.instance_segmentation(*args, self.workers)
 
     def post_process_panoptic_segmentation(
         self,
@@ -358,12 +352,16 @@ class ImageProcessor:
         ``segmentation``: ``[H, W]`` int32 segment ids (0: none; float32 -1 everywhere when nothing passes
         ``threshold``, as in HF). ``pixel_mask``: see the semantic method.
         """
-        args = (
-            outputs, threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse, target_sizes, pixel_mask,
+        return self._post(
+            "panoptic_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold,
+            label_ids_to_fuse, target_sizes, pixel_mask,
         )  # fmt: skip
+
+    def _post(self, task: str, *args: Any) -> Any:
+        """Run post-process ``task`` (e.g. ``"semantic_segmentation"``) on the chosen path."""
         if self.postprocess == "reference":
-            return reference.panoptic_segmentation(*args)
-        return postprocess.panoptic_segmentation(*args, self.workers)
+            return getattr(reference, task)(*args)
+        return getattr(postprocess, task)(*args, self.workers)
 
 
 def _check_return_tensors(return_tensors: str | None) -> None:

@@ -23,9 +23,9 @@ Where both paths differ from HF, on purpose: results are numpy arrays (HF: torch
 agree with torch to float32 rounding, so a pixel whose two best scores tie to ~1e-7 may go either way; passing
 ``pixel_mask`` (from ``preprocess``) crops each image's padding away before the first resize (along each axis
 that has padding, the logits are upsampled to the padded input, cropped to the image, and that is resized to the
-working grid; HF resizes padded logits as they are, which stretches the padding into the result); instance segments come in a documented order
-(:mod:`.instance`: score descending; HF's order depends on how torch was built); NaN or infinite logits are
-rejected.
+working grid; HF resizes padded logits as they are, which stretches the padding into the result); instance
+segments come in a documented order (:mod:`.instance`: score descending; HF's order depends on how torch was
+built); NaN or infinite logits are rejected.
 """
 
 from m2f_deploy.processing.postprocess import reference

@@ -303,7 +303,8 @@ class CellGrid:
                 out[y, x] = channels[_corner_leader(lower, corners, weights)[0]]
                 continue
             corner_leaders = best[corners]  # [P, 4]
-            picked = corner_leaders[:, None, :] * lower.shape[1] + corners[:, :, None]  # leader s at corner c: [P, c, s]
+            # leader s at corner c: [P, c, s]
+            picked = corner_leaders[:, None, :] * lower.shape[1] + corners[:, :, None]
             low = np.einsum("pc,pcs->ps", weights, np.take(lower, picked), dtype=np.float32)
             high = low if upper is lower else np.einsum("pc,pcs->ps", weights, np.take(upper, picked), dtype=np.float32)
             winner = corner_leaders[np.arange(y.size), low.argmax(axis=1)]

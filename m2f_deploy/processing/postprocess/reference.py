@@ -7,9 +7,9 @@ the fast path is tested against (``tests/test_processing_reference.py``); select
 
 It differs from HF where the fast path does, on purpose (see :mod:`m2f_deploy.processing.postprocess`):
 ``pixel_mask`` crops the padding (along each padded axis, logits upsampled to the padded input, cropped to the
-image, resized to the working grid: two resizes here, one composed map in the fast path), instance segments are ordered by score
-descending (ties by query, then class) and the highest score wins overlapping pixels, the top-k takes class
-probabilities largest first (ties by query, then class), and arrays are numpy.
+image, resized to the working grid: two resizes here, one composed map in the fast path), instance segments are
+ordered by score descending (ties by query, then class) and the highest score wins overlapping pixels, the top-k
+takes class probabilities largest first (ties by query, then class), and arrays are numpy.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def semantic_segmentation(
         if size is not None:
             segmentation = _bilinear_to(segmentation, size)
         labels = segmentation.argmax(axis=0)
-        results.append({"segmentation": labels, "segmentation_scores": segmentation} if return_segmentation_scores else labels)
+        if return_segmentation_scores:
+            results.append({"segmentation": labels, "segmentation_scores": segmentation})
+        else:
+            results.append(labels)
     return results
 
 
@@ -103,8 +106,8 @@ def instance_segmentation(
         for rank in reversed(range(len(kept))):  # the highest score painted last: it wins overlapping pixels
             segmentation[pred_masks[kept[rank]] == 1] = rank
         segments = [
-            {"id": rank, "label_id": int(labels_per_image[j]), "was_fused": False, "score": round(float(pred_scores[j]), 6)}
-            for rank, j in enumerate(kept)
+            {"id": rank, "label_id": int(labels_per_image[j]), "was_fused": False, "score": round(float(score), 6)}
+            for rank, (j, score) in enumerate(zip(kept, pred_scores[kept]))
         ]
         if return_coco_annotation:
             segmentation = segmentation_to_rle(segmentation)
@@ -150,8 +153,9 @@ def panoptic_segmentation(
             mask_k_area = int(mask_k.sum())
             original_area = int((mask_probs[k] >= mask_threshold).sum())
             mask_exists = mask_k_area > 0 and original_area > 0
-            if mask_exists and not float(np.float32(mask_k_area) / np.float32(original_area)) > overlap_mask_area_threshold:
-                mask_exists = False  # the ratio in float32, as torch divides
+            if mask_exists:  # the ratio in float32, as torch divides
+                area_ratio = np.float32(mask_k_area) / np.float32(original_area)
+                mask_exists = float(area_ratio) > overlap_mask_area_threshold
             if mask_exists:
                 if pred_class in stuff_memory_list:
                     current_segment_id = stuff_memory_list[pred_class]
@@ -159,7 +163,8 @@ def panoptic_segmentation(
                     current_segment_id += 1
                 segmentation[mask_k] = current_segment_id
                 score = round(float(pred_scores[k]), 6)
-                segments.append({"id": current_segment_id, "label_id": pred_class, "was_fused": should_fuse, "score": score})
+                segment = {"id": current_segment_id, "label_id": pred_class, "was_fused": should_fuse, "score": score}
+                segments.append(segment)
                 if should_fuse:
                     stuff_memory_list[pred_class] = current_segment_id
         results.append({"segmentation": segmentation, "segments_info": segments})

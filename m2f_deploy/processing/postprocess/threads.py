@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 PARALLEL_MIN = 1 << 22
-"""Values (float32: 16 MiB) a step must handle before it is split across threads: below that, handing the work
-over costs about what the second thread saves (measured on the steps that use it, 2 cores)."""
+"""Values (float32: 16 MiB) a step must handle before it is split across threads. It is the size at which the
+leaders of large bounds were split before (measured then, on 2 cores); the other splits (resizing in strips, large
+products) now follow it too: each of them handles far more on the inputs where threads pay (e.g. semantic
+segmentation of noise), and far less where the work is a few milliseconds anyway."""
 
 
 class Workers:
