@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factory import save_hf_checkpoint  # noqa: E402
 
 from m2f_deploy import load_model  # noqa: E402
+from m2f_deploy.artifact import INPUT_NAME  # noqa: E402
 from m2f_deploy.export import export_onnx  # noqa: E402
 from m2f_deploy.export.msda import FLAVOURS  # noqa: E402
 from m2f_deploy.presets import preset_config  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
                 options = onnxruntime.SessionOptions()
                 options.intra_op_num_threads = args.threads
                 sess = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = {"pixel_values": x.numpy()}
+            feed = {INPUT_NAME: x.numpy()}
             latency = median_time(lambda: sess.run(None, feed), args.runs)
             rows.append((f"ONNX {flavour} (onnxruntime CPU{', numpy stand-in' if flavour == 'trt_plugin' else ''})",
                          f"{export_s:.1f}", str(nodes), latency))

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_postprocess.py --threads 1                  # ours on one thread
 
 One image, 100 queries, 133 classes, mask logits 96x128, target size 480x640 (height x width), default
-thresholds. Three kinds of logits (``m2f_deploy.processing.synthetic``): "scene" looks like a trained model's
+thresholds. Three kinds of logits (``m2f_deploy.testing.logits``): "scene" looks like a trained model's
 output (stuff regions, overlapping objects, segments found); "noise" is standard-normal (nothing passes a
 threshold, so instance and panoptic are trivial for us, and semantic has a boundary at nearly every pixel);
 "untrained" looks like a random-weight model's (the same class leads everywhere by a small margin: semantic is
@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from m2f_deploy.processing import ImageProcessor
-from m2f_deploy.processing.synthetic import synthetic_outputs
+from m2f_deploy.testing.logits import synthetic_outputs
 
 TASKS = {
     "semantic": {},

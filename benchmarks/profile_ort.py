@@ -33,7 +33,7 @@ def main() -> None:
 
     import onnxruntime
 
-    from m2f_deploy.artifact import read_onnx_metadata
+    from m2f_deploy.artifact import INPUT_NAME, read_onnx_metadata
     from m2f_deploy.runtime.onnxrt import session_options
 
     options = session_options(onnxruntime, args.threads, precision=read_onnx_metadata(args.model)["precision"])
@@ -42,7 +42,7 @@ def main() -> None:
         options.profile_file_prefix = os.path.join(tmp, "profile")
         session = onnxruntime.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
         shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]
-        feed = {"pixel_values": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+        feed = {INPUT_NAME: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
         for _ in range(args.warmup):
             session.run(None, feed)
         walls = []

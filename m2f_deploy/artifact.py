@@ -16,6 +16,10 @@ from m2f_deploy.utils import parse_json_object
 METADATA_KEY = "m2f_deploy"
 FORMAT_VERSION = 1
 INPUT_NAME = "pixel_values"
+"""The graph's input, named as transformers' processor names it: ``preprocess`` returns it under this key too."""
+HW_MULTIPLE = 32
+"""Height and width of a graph's input are multiples of this: Swin's patch embedding (4) and three patch merges (2
+each) reach stride 32, which must divide the input for the feature maps to line up."""
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
 REQUIRED = (
     "format_version", "id2label", "num_queries", "preprocessing", "input", "outputs", "msda",
@@ -68,7 +72,7 @@ def build_metadata(
             "width": width,
             "dynamic_batch": dynamic_batch,
             "dynamic_hw": dynamic_hw,
-            "hw_multiple": 32,
+            "hw_multiple": HW_MULTIPLE,
         },
         "outputs": list(OUTPUT_NAMES),
         "msda": msda,

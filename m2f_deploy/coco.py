@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from m2f_deploy.processing.rle import coco_rle
-
 log = logging.getLogger("m2f_deploy")
 
 
@@ -26,6 +24,32 @@ def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic PNG colours ``[H, W, 3]`` -> segment ids ``[H, W]`` int64."""
     rgb = np.asarray(rgb, np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def coco_rle(mask: np.ndarray) -> dict[str, object]:
+    """COCO's compressed RLE of a binary mask ``[H, W]``: ``{"size": [H, W], "counts": str}``, as pycocotools'
+    ``mask.encode`` writes it (column-major runs starting with zeros; each count as 5-bit groups in ASCII from
+    48, the counts after the second stored as differences to the count two before)."""
+    mask = np.asarray(mask) != 0
+    height, width = mask.shape
+    flat = mask.reshape(-1, order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)  # runs start with zeros
+    chars = []
+    for i, count in enumerate(counts):
+        x = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return {"size": [height, width], "counts": "".join(chars)}
 
 
 def bbox(mask: np.ndarray) -> list[int]:

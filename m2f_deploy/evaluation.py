@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from m2f_deploy.coco import coco_rle
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing.rle import coco_rle
 
 IOU_MATCH = 0.5
-"""A predicted and a ground-truth segment match when their IoU is above this (panopticapi)."""
+"""Two segments match when their IoU is above this, strictly (panopticapi's ``iou > 0.5``); PQ and
+:func:`m2f_deploy.export.agreement.matched_segments` both use it."""
 
 log = logging.getLogger("m2f_deploy")
 
@@ -484,25 +485,3 @@ def _instances(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, An
         if not isinstance(entries, list) or not all(isinstance(e, Mapping) and set(fields) <= set(e) for e in entries):
             raise InputError(f"{where}: '{key}' must be a list of objects with {', '.join(fields)}")
     return source
-
-
-def matched_segments(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
-    """How many panoptic segments of ``reference`` have a segment of the same label and IoU >= 0.5 in ``other``.
-
-    Both are lists of panoptic post-process results for the same images. Returns (matched, total): the
-    agreement of two models (an export and its PyTorch reference) rather than accuracy against ground truth.
-    """
-    matched = total = 0
-    for a, b in zip(reference, other):
-        ids_a, ids_b = np.asarray(a["segmentation"]), np.asarray(b["segmentation"])
-        for sa in a["segments_info"]:
-            total += 1
-            mask_a = ids_a == sa["id"]
-            for sb in b["segments_info"]:
-                if sb["label_id"] != sa["label_id"]:
-                    continue
-                mask_b = ids_b == sb["id"]
-                if (mask_a & mask_b).sum() >= 0.5 * (mask_a | mask_b).sum():
-                    matched += 1
-                    break
-    return matched, total

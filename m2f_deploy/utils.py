@@ -11,13 +11,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_PROC_STATUS = Path("/proc/self/status")
+
 
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
+    """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed onto ``path``.
 
-    An exception (or an interrupt) removes the temporary file, so nothing that looks finished
-    is ever left behind.
+    An exception (or an interrupt) removes the temporary file, so nothing that looks finished is ever left behind.
+    The file is fsynced before the rename and its folder after it, so that a crash (power loss) leaves the old file
+    or the whole new one, never a renamed empty one. The result gets the mode a new file gets here (0o666 less the
+    umask), not mkstemp's private 0o600.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,17 +29,42 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it private; the result gets the usual mode
+        os.chmod(tmp_path, _new_file_mode(path.parent))
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file_mode(folder: Path) -> int:
+    """0o666 less the process's umask, read without changing it (``os.umask`` can only read by setting, which
+    races with other threads creating files): from ``/proc/self/status`` on Linux, else from a probe file."""
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    probe = folder / f".umask-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: POSIX only; Windows cannot open them)."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""m2f_deploy.data.synthetic: a deterministic generator, COCO files that agree with each other, a strict reader."""
+"""m2f_deploy.data: a deterministic shapes generator (data.shapes), COCO files that agree with each other, a strict
+reader (data.coco_folder)."""
 
 from __future__ import annotations
 

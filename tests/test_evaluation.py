@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from m2f_deploy.coco import coco_rle
 from m2f_deploy.data import CLASSES, generate_sample, write_dataset
 from m2f_deploy.errors import InputError
 from m2f_deploy.evaluation import InstanceEvaluator, PanopticEvaluator, mask_ap, mean_iou, panoptic_quality
-from m2f_deploy.processing.rle import coco_rle
 
 # two thing and two stuff categories for the hand-made cases
 CATEGORIES = [{"id": 0, "isthing": 1}, {"id": 1, "isthing": 1}, {"id": 2, "isthing": 0}, {"id": 3, "isthing": 0}]

@@ -18,9 +18,9 @@ from m2f_deploy.artifact import read_onnx_metadata as _metadata
 from m2f_deploy.cli.export import main as export_main
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import export_onnx, validate_onnx
-from m2f_deploy.export.plugin_standin import count_plugin_nodes
 from m2f_deploy.export.validate import ValidationError, session
 from m2f_deploy.modeling import Mask2Former
+from m2f_deploy.runtime.plugin_standin import count_plugin_nodes
 from m2f_deploy.utils import sha256_file
 
 pytest.importorskip("transformers")

@@ -14,13 +14,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from m2f_deploy.errors import InputError, M2FError
-from m2f_deploy.export.plugin_standin import (
+from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample
+from m2f_deploy.runtime.plugin_standin import (
     PLUGIN_OP_TYPE,
     count_plugin_nodes,
     msda_numpy,
     standin_session,
 )
-from m2f_deploy.modeling.ms_deform_attn import msda_grid_sample
 
 TOL = 1e-5
 LEVEL_SETS = {
@@ -254,7 +254,7 @@ def test_session_needs_opset_15_for_castlike():
 
 def test_missing_onnxruntime_extensions_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails
-    monkeypatch.delitem(sys.modules, "m2f_deploy.export.plugin_standin")
-    module = importlib.import_module("m2f_deploy.export.plugin_standin")  # importing still works
+    monkeypatch.delitem(sys.modules, "m2f_deploy.runtime.plugin_standin")
+    module = importlib.import_module("m2f_deploy.runtime.plugin_standin")  # importing still works
     with pytest.raises(M2FError, match="pip install onnxruntime-extensions"):
         module.standin_session(_plugin_model([(2, 3)], n=1, lq=4, m=1, d=2, p=1))

@@ -14,7 +14,7 @@ def test_processing_never_imports_torch():
         import numpy as np
         import m2f_deploy.processing
         from m2f_deploy.processing import ImageProcessor
-        from m2f_deploy.processing.synthetic import synthetic_outputs
+        from m2f_deploy.testing.logits import synthetic_outputs
 
         processor = ImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
         processor(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))

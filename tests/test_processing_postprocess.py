@@ -21,7 +21,7 @@ from m2f_deploy.errors import InputError
 from m2f_deploy.processing import WORKING_SIZE, ImageProcessor
 from m2f_deploy.processing.postprocess import semantic
 from m2f_deploy.processing.rle import segmentation_to_rle
-from m2f_deploy.processing.synthetic import synthetic_outputs
+from m2f_deploy.testing.logits import synthetic_outputs
 
 transformers.logging.set_verbosity_error()
 

@@ -22,7 +22,7 @@ from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.processing.postprocess import reference
 from m2f_deploy.processing.postprocess.common import sigmoid, softmax, valid_regions
 from m2f_deploy.processing.postprocess.resample import bilinear, nearest, resize_maps
-from m2f_deploy.processing.synthetic import synthetic_outputs
+from m2f_deploy.testing.logits import synthetic_outputs
 
 FAST, REFERENCE = ImageProcessor(), ImageProcessor(postprocess="reference")
 TOL = 1e-5  # float32 rounding of sums of up to a few hundred terms, relative to the scores' scale

@@ -13,12 +13,13 @@ import torch
 from factory import decisive_model
 from onnx import TensorProto, helper
 
-from m2f_deploy.artifact import engine_sidecar_path, read_onnx_metadata
+from m2f_deploy.artifact import INPUT_NAME, engine_sidecar_path, read_onnx_metadata
 from m2f_deploy.demo import demo_image
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.export import export_onnx
+from m2f_deploy.modeling import numpy_logits
 from m2f_deploy.processing import ImageProcessor
-from m2f_deploy.runtime import Segmenter, available_backends
+from m2f_deploy.runtime import Segmenter, available_backends, onnxrt
 
 SIZE = (128, 160)
 PROCESSOR = {"size": {"shortest_edge": 96, "longest_edge": 160}}
@@ -57,11 +58,7 @@ def reference(model, processor, task, batch=None, **kwargs):
         return results
     inputs = processor.preprocess(kwargs.pop("images", images()))
     with torch.no_grad():
-        out = model(torch.from_numpy(inputs["pixel_values"]))
-    outputs = {
-        "class_queries_logits": out.class_queries_logits.numpy(),
-        "masks_queries_logits": out.masks_queries_logits.numpy(),
-    }
+        outputs = numpy_logits(model(torch.from_numpy(inputs[INPUT_NAME])))
     post = getattr(processor, f"post_process_{task}_segmentation")
     return post(outputs, target_sizes=inputs["original_sizes"], pixel_mask=inputs["pixel_mask"], **kwargs)
 
@@ -139,6 +136,33 @@ def test_infer_checks_its_input(static_onnx):
         seg.infer(np.zeros((1, 4, *SIZE), np.float32))
     with pytest.raises(InputError, match="unknown task 'panoptik'.*did you mean 'panoptic'"):
         seg.predict(images()[0], "panoptik")
+
+
+def test_onnxruntime_rejecting_the_input_is_an_input_error(static_onnx):
+    runner = Segmenter(static_onnx)._runner  # below the runner base's checks (infer_impl): onnxruntime's verdict
+    with pytest.raises(InputError, match=r"model.onnx: onnxruntime rejects pixel_values float32 \[1, 3, 96, 96\]"):
+        runner.infer_impl(np.zeros((1, 3, 96, 96), np.float32))
+    with pytest.raises(InputError, match="rejects pixel_values float64"):
+        runner.infer_impl(np.zeros((1, 3, *SIZE), np.float64))
+
+
+def test_a_graph_failing_while_running_is_a_backend_error(static_onnx, tmp_path):
+    # a graph whose Reshape cannot split 12 values into rows of 7: the input is what the graph declares, the failure
+    # is the artifact's, and the error names it
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["pixel_values", "shape"], ["class_queries_logits"])],
+        "broken",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, "H", "W"])],
+        [helper.make_tensor_value_info("class_queries_logits", TensorProto.FLOAT, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.metadata_props.extend(onnx.load(str(static_onnx), load_external_data=False).metadata_props)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    runner = onnxrt.OnnxRuntimeRunner(path, read_onnx_metadata(path), "cpu")
+    with pytest.raises(BackendError, match=r"broken.onnx: onnxruntime \(cpu\) failed running on pixel_values"):
+        runner.infer_impl(np.zeros((1, 3, 2, 2), np.float32))  # below the base checks: the graph itself fails
 
 
 def test_bad_artifacts_give_one_clear_error(static_onnx, tmp_path):

@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from pycocotools import mask as mask_utils
 
 from m2f_deploy import coco, viz
-from m2f_deploy.processing.rle import coco_rle
+from m2f_deploy.coco import coco_rle
 
 
 @settings(max_examples=60, deadline=None)

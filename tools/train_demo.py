@@ -9,7 +9,7 @@ images; much slower when other processes compete for the cores):
 weights, depend on the machine's speed.) The script needs torch, transformers and scipy (the ``export`` and
 ``test`` extras); it is a tool, not part of the package.
 
-Data come from ``m2f_deploy.data.synthetic``, drawn on the fly: training image ``k`` is
+Data come from ``m2f_deploy.data.shapes``, drawn on the fly: training image ``k`` is
 ``generate_sample((seed, k))``, validation images are ``generate_sample((val_seed, i))`` for ``i < val_images``,
 i.e. the images of ``write_dataset(folder, val_images, seed=val_seed)``. Labels (``mask_labels``,
 ``class_labels``) are made by our ``ImageProcessor.preprocess``; the loss is transformers' Mask2Former loss.
@@ -44,8 +44,9 @@ import torch
 import transformers
 
 import m2f_deploy
+from m2f_deploy.artifact import HW_MULTIPLE, INPUT_NAME
 from m2f_deploy.config import Mask2FormerConfig
-from m2f_deploy.data.synthetic import CLASSES, Sample, generate_sample
+from m2f_deploy.data.shapes import CLASSES, Sample, generate_sample
 from m2f_deploy.evaluation import PanopticEvaluator, SemanticEvaluator
 from m2f_deploy.processing import ImageProcessor
 
@@ -86,7 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="training time budget, validations not counted (the steps, and so the weights, depend on the machine)",
     )
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, nargs=2, default=[160, 160], metavar=("H", "W"), help="multiples of 32")
+    ap.add_argument("--size", type=int, nargs=2, default=[160, 160], metavar=("H", "W"), help=f"multiples of {HW_MULTIPLE}")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     ap.add_argument("--min-lr-ratio", type=float, default=0.01, help="the cosine ends at this share of --lr")
@@ -101,8 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.val_seed == args.seed:
         ap.error("--val-seed must differ from --seed: validation images would be training images")
-    if any(side % 32 for side in args.size):
-        ap.error(f"--size must be multiples of 32, got {args.size}")
+    if any(side % HW_MULTIPLE for side in args.size):
+        ap.error(f"--size must be multiples of {HW_MULTIPLE}, got {args.size}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         ap.error(f"{args.out} already exists and is not an empty folder")
     return args
@@ -126,7 +127,7 @@ def encode(processor: ImageProcessor, samples: Sequence[Sample]) -> dict[str, An
         instance_id_to_semantic_id=[s.category_of for s in samples],
     )
     return {
-        "pixel_values": torch.from_numpy(encoded["pixel_values"]),
+        "pixel_values": torch.from_numpy(encoded[INPUT_NAME]),  # the key: transformers' forward argument
         "mask_labels": [torch.from_numpy(m) for m in encoded["mask_labels"]],
         "class_labels": [torch.from_numpy(c) for c in encoded["class_labels"]],
     }

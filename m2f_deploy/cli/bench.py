@@ -16,6 +16,7 @@ log = logging.getLogger("m2f_deploy.cli")
 def build_parser() -> Parser:
     from m2f_deploy.bench import ALL_BACKENDS, DEFAULT_BACKENDS
     from m2f_deploy.presets import PRESETS
+    from m2f_deploy.runtime import TASKS
 
     p = Parser(
         prog="m2f-bench",
@@ -61,7 +62,7 @@ def build_parser() -> Parser:
         "--task",
         nargs="+",
         default=["panoptic"],
-        choices=("semantic", "instance", "panoptic"),
+        choices=TASKS,
         help="the end-to-end tasks, one row each (default: panoptic)",
     )
     p.add_argument("--json", type=Path, help="write the report here")

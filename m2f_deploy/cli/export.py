@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from m2f_deploy.artifact import HW_MULTIPLE
 from m2f_deploy.cli.common import Parser, height_width, run, setup_logging
 from m2f_deploy.errors import InputError
 
@@ -29,10 +30,10 @@ def build_parser() -> Parser:
     src.add_argument("--preset", help=f"an architecture with RANDOM weights, for latency work: {', '.join(PRESETS)}")
     p.add_argument("-o", "--output", type=Path, help="output .onnx file (default: <checkpoint name>[-fp16].onnx)")
     p.add_argument("--size", type=int, nargs="+", default=[384], metavar=("H", "W"),
-                   help="export height and width, multiples of 32 (default: 384 384)")
+                   help=f"export height and width, multiples of {HW_MULTIPLE} (default: 384 384)")
     p.add_argument("--batch", type=int, default=1, help="export batch size (default: 1)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
-    p.add_argument("--dynamic-shape", action="store_true", help="dynamic height and width (multiples of 32)")
+    p.add_argument("--dynamic-shape", action="store_true", help=f"dynamic height and width (multiples of {HW_MULTIPLE})")
     p.add_argument("--msda", default="grid_sample",
                    help="deformable attention: grid_sample (default), gather (no GridSample), trt_plugin, "
                         "deform_conv (fastest on onnxruntime CPU; static size, opset 19)")
@@ -69,7 +70,10 @@ def build_parser() -> Parser:
     trt.add_argument("--plugin-lib", action="append", default=[], type=Path, metavar="SO",
                      help="load a TensorRT plugin library (repeatable); the built-in MSDA plugin needs none")
     trt.add_argument("--no-fp32-layers", action="store_true",
-                     help="let fp16/int8 engines run LayerNorm and the cross-attention softmax in reduced precision")
+                     help="TensorRT 10.0-10.11: let fp16/int8 engines run LayerNorm and the cross-attention softmax "
+                          "in reduced precision (strongly typed builds take the graph's types)")
+    trt.add_argument("--tf32", action="store_true",
+                     help="allow TF32 kernels for float32 layers (Ampere and newer; default off: fp32 means fp32)")
     return p
 
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     tolerances = _tolerances(args.atol)
 
     engine_args = dict(
-        fp16=args.fp16, int8=args.int8, shapes=args.shapes, workspace_gib=args.workspace,
+        fp16=args.fp16, int8=args.int8, tf32=args.tf32, shapes=args.shapes, workspace_gib=args.workspace,
         timing_cache=args.timing_cache, plugin_libraries=args.plugin_lib, fp32_layers=not args.no_fp32_layers,
     )  # fmt: skip
     calibration = _calibration_images(args)

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from m2f_deploy.artifact import INPUT_NAME
 from m2f_deploy.cli.common import Parser, Progress, run, setup_logging
 from m2f_deploy.errors import InputError
+from m2f_deploy.runtime import TASKS
 
 log = logging.getLogger("m2f_deploy.cli")
-TASKS = ("panoptic", "semantic", "instance")
 
 
 def build_parser() -> Parser:
@@ -57,7 +58,7 @@ def _artifact_predictor(path: Path, backend: str) -> tuple[Predict, Any, dict[st
 
     def predict(image: np.ndarray) -> tuple[dict, dict]:
         inputs = seg.processor.preprocess(image)
-        return seg.infer(inputs["pixel_values"]), inputs
+        return seg.infer(inputs[INPUT_NAME]), inputs
 
     about = {"artifact": str(path), "backend": seg.description, "precision": seg.metadata["precision"]}
     return predict, seg.processor, about, seg.id2label
@@ -66,12 +67,10 @@ def _artifact_predictor(path: Path, backend: str) -> tuple[Predict, Any, dict[st
 def _torch_outputs(model: Any, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
     import torch
 
+    from m2f_deploy.modeling import numpy_logits
+
     with torch.inference_mode():
-        out = model(torch.from_numpy(pixel_values))
-    return {
-        "class_queries_logits": out.class_queries_logits.numpy(),
-        "masks_queries_logits": out.masks_queries_logits.numpy(),
-    }
+        return numpy_logits(model(torch.from_numpy(pixel_values)))
 
 
 def _checkpoint_predictor(path: Path) -> tuple[Predict, Any, dict[str, Any], dict[int, str]]:
@@ -84,7 +83,7 @@ def _checkpoint_predictor(path: Path) -> tuple[Predict, Any, dict[str, Any], dic
 
     def predict(image: np.ndarray) -> tuple[dict, dict]:
         inputs = processor.preprocess(image)
-        return _torch_outputs(model, inputs["pixel_values"]), inputs
+        return _torch_outputs(model, inputs[INPUT_NAME]), inputs
 
     about = {"checkpoint": str(path), "backend": "PyTorch (reference model)", "precision": "fp32"}
     return predict, processor, about, model.config.id2label
@@ -110,6 +109,7 @@ def _reference(args: Any, meta_source: dict[str, Any] | None) -> Any:
 def evaluate(args: Any) -> dict[str, Any]:
     from m2f_deploy import evaluation
     from m2f_deploy.data import load_dataset
+    from m2f_deploy.export.agreement import matched_segments, semantic_agreement
 
     dataset = load_dataset(args.data)
     records = list(dataset)[: args.limit] if args.limit else list(dataset)
@@ -138,7 +138,8 @@ def evaluate(args: Any) -> dict[str, Any]:
     panoptic = evaluation.PanopticEvaluator(dataset.categories)
     semantic = evaluation.SemanticEvaluator(len(labels))
     instance = evaluation.InstanceEvaluator(dataset.instances_json) if "instance" in tasks else None
-    agree_pixels, agree_segments = [], [0, 0]
+    agree_pixels: list[float] = []
+    agree_segments = [0, 0]
     progress = Progress(len(records), "images", quiet=args.quiet)
     for record in records:
         image = record.image()
@@ -153,10 +154,10 @@ def evaluate(args: Any) -> dict[str, Any]:
         if instance is not None:
             instance.update(record.image_id, results["instance"])
         if reference is not None:
-            ref = _post(processor, _torch_outputs(reference, inputs["pixel_values"]), ("semantic", "panoptic"),
+            ref = _post(processor, _torch_outputs(reference, inputs[INPUT_NAME]), ("semantic", "panoptic"),
                         args.threshold, stuff, common)  # fmt: skip
-            agree_pixels.append(float(np.mean(ref["semantic"] == results["semantic"])))
-            m, n = evaluation.matched_segments([ref["panoptic"]], [results["panoptic"]])
+            agree_pixels.append(semantic_agreement([ref["semantic"]], [results["semantic"]]))
+            m, n = matched_segments([ref["panoptic"]], [results["panoptic"]])
             agree_segments = [agree_segments[0] + m, agree_segments[1] + n]
         progress.step(record.image_path.name)
     progress.close()

@@ -1,6 +1,6 @@
 """torch -> ONNX (MSDA flavours, fp16), ONNX -> TensorRT, validation against the reference.
 
-Names are resolved lazily: ``m2f_deploy.export.plugin_standin`` must stay importable without torch.
+Names are resolved lazily, so that the torch-free modules here (``agreement``) import without torch.
 """
 
 from __future__ import annotations

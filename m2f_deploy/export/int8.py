@@ -38,6 +38,7 @@ import onnx
 
 from m2f_deploy.artifact import INPUT_NAME, METADATA_KEY, read_onnx_metadata
 from m2f_deploy.errors import InputError, M2FError
+from m2f_deploy.export.agreement import semantic_agreement
 from m2f_deploy.export.gemm import linears_as_gemm
 from m2f_deploy.export.precision import SCOPE_BLOCK_LIST
 from m2f_deploy.utils import atomic_output
@@ -90,7 +91,7 @@ def calibration_inputs(images: Sequence[Path], meta: dict[str, Any]) -> list[np.
     from m2f_deploy.runtime.images import load_image
 
     processor = ImageProcessor(**{**meta["preprocessing"], "canvas": (meta["input"]["height"], meta["input"]["width"])})
-    return [processor.preprocess(load_image(path))["pixel_values"] for path in images]
+    return [processor.preprocess(load_image(path))[INPUT_NAME] for path in images]
 
 
 def quantize_int8(
@@ -162,7 +163,7 @@ def quantize_int8(
         graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
         final = Path(tmp) / path.name
         onnx.save(graph, str(final))
-        agreement = semantic_agreement(fp32_path, final, batches[: min(len(batches), 8)])
+        agreement = graphs_semantic_agreement(fp32_path, final, batches[: min(len(batches), 8)])
         log.info("int8 against fp32 on %d calibration image(s): %.2f%% identical semantic pixels",
                  min(len(batches), 8), 100 * agreement)  # fmt: skip
         if agreement < min_agreement:
@@ -176,15 +177,12 @@ def quantize_int8(
     return path
 
 
-def semantic_agreement(reference: Path, candidate: Path, batches: Sequence[np.ndarray]) -> float:
+def graphs_semantic_agreement(reference: Path, candidate: Path, batches: Sequence[np.ndarray]) -> float:
     """Mean share of identical semantic-map pixels of two graphs on the same inputs (onnxruntime CPU)."""
     from m2f_deploy.processing import ImageProcessor
     from m2f_deploy.runtime.onnxrt import OnnxRuntimeRunner
 
     runners = [OnnxRuntimeRunner(p, read_onnx_metadata(p), "cpu") for p in (reference, candidate)]
     processor = ImageProcessor()
-    shares = []
-    for x in batches:
-        maps = [processor.post_process_semantic_segmentation(r.infer(x))[0] for r in runners]
-        shares.append(float(np.mean(maps[0] == maps[1])))
-    return float(np.mean(shares))
+    maps = [[m for x in batches for m in processor.post_process_semantic_segmentation(r.infer(x))] for r in runners]
+    return semantic_agreement(*maps)

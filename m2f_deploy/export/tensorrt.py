@@ -1,21 +1,30 @@
-"""ONNX -> TensorRT engine, through TensorRT's Python API (no torch, no onnx package: a Jetson can build here).
+"""ONNX -> TensorRT engine on Polygraphy's loaders (no torch; onnx only to make an fp16 graph on strongly typed
+TensorRT: a Jetson can build here).
+
+``NetworkFromOnnxPath`` parses, ``CreateConfig`` sets the profile, the precision flags (TF32 off unless asked),
+precision constraints and memory limits, ``EngineBytesFromNetwork`` builds, ``LoadPlugins`` loads ``--plugin-lib``
+libraries. Ours on top, what Polygraphy does not do: the float32 pinning of TensorRT 10's weakly typed builds
+(:func:`_pin_fp32`), the choice between weak and strong typing per TensorRT version
+(:mod:`m2f_deploy.runtime.trt_api`), a timing cache whose rejection (another GPU or TensorRT) is seen and which is
+saved only after the engine is written, and the sidecar.
 
 The engine is a plain serialized engine (``trtexec --loadEngine`` reads it); beside it, ``model.engine.json`` holds
-the ONNX file's metadata plus the TensorRT version, the GPU and its compute capability, the optimization profile
-and the build flags. Both are written to temporary names and renamed only after the build succeeded.
+the ONNX file's metadata plus the TensorRT version, the GPU and its compute capability, the optimization profile,
+every precision flag and the pinned layers. Both are written to temporary names and renamed only after the build
+succeeded.
 
-Written against TensorRT 10's API. It has not run on the machine this project is built on (no GPU, no TensorRT);
-what can be checked without them (profiles, the fp32 layer choice, the sidecar, errors) is tested, and
-tests/test_tensorrt.py builds and runs a tiny engine where TensorRT and a GPU are present.
+It has not run on the machine this project is built on (no GPU, no TensorRT): tests/test_tensorrt.py runs it on a
+fake TensorRT (10.3, 10.12, 11) under the real Polygraphy there, and builds and runs a tiny engine where TensorRT
+and a GPU are present.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +33,7 @@ from typing import Any
 from m2f_deploy.artifact import INPUT_NAME, engine_sidecar_path, read_onnx_metadata
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.export.precision import tensorrt_fp32_layer
+from m2f_deploy.runtime import trt_api
 from m2f_deploy.utils import atomic_output, sha256_file
 
 log = logging.getLogger("m2f_deploy.export")
@@ -86,8 +96,16 @@ def _tensorrt() -> Any:
 
 
 def check_tensorrt() -> None:
-    """Fail early (before a slow export) when TensorRT is not installed."""
+    """Fail early (before a slow export) when TensorRT or Polygraphy is not installed."""
+    from m2f_deploy.runtime.tensorrt import polygraphy_trt
+
     _tensorrt()
+    polygraphy_trt()
+
+
+# Layer kinds never pinned: casts (the fp16 converter's Cast nodes inside the fp32 scopes must keep producing
+# float16), quantization, and shape arithmetic.
+NOT_PINNED = frozenset({"cast", "identity", "quantize", "dequantize", "shape", "constant"})
 
 
 def build_engine(
@@ -96,6 +114,7 @@ def build_engine(
     *,
     fp16: bool = False,
     int8: bool = False,
+    tf32: bool = False,
     shapes: Sequence[str] | None = None,
     workspace_gib: float | None = None,
     timing_cache: str | os.PathLike | None = None,
@@ -105,10 +124,13 @@ def build_engine(
 ) -> Path:
     """Build a TensorRT engine from an ``m2f-export`` ONNX file; returns the engine's path (default: ``.engine``).
 
-    fp16: allow fp16 kernels (always on for an fp16 graph). int8: the graph must be explicitly quantized (QDQ
-    nodes, ``m2f-export --int8``); TensorRT's implicit calibration is not used. shapes: ``[min, opt, max]`` as
-    ``BxCxHxW`` (see :func:`profile_shapes`). fp32_layers: pin LayerNorm, the masked cross-attention softmax and
-    the deformable sampling to float32 in reduced-precision builds (:func:`tensorrt_fp32_layer`).
+    fp16: an fp16 engine (always, for an fp16 graph). TensorRT 10.0-10.11 (weakly typed): the FP16 builder flag.
+    TensorRT 10.12+ and 11 (strongly typed): the graph's own types, so an fp32 graph is first converted to the fp16
+    graph with fp32 islands that ``m2f-export --fp16`` writes. int8: the graph must be explicitly quantized for
+    TensorRT (QDQ, ``m2f-export --int8 --int8-target tensorrt``); no implicit calibration. tf32: allow TF32 kernels
+    for float32 (off by default, so an fp32 engine computes in fp32). shapes: ``[min, opt, max]`` as ``BxCxHxW``
+    (see :func:`profile_shapes`). fp32_layers: on weakly typed builds, pin LayerNorm, the masked cross-attention
+    softmax and the deformable sampling to float32 (:func:`tensorrt_fp32_layer`).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
@@ -116,70 +138,55 @@ def build_engine(
     low, opt, high = profile_shapes(meta, shapes)
     if workspace_gib is not None and workspace_gib <= 0:
         raise InputError(f"--workspace must be positive (GiB), got {workspace_gib}")
-    fp16 = fp16 or meta["precision"] == "fp16"
     quantized_for = meta.get("exporter", {}).get("int8", {}).get("target", "tensorrt")
     if meta["precision"] == "int8" and quantized_for != "tensorrt":
         raise InputError(f"{onnx_path}: this INT8 graph was quantized for onnxruntime CPU (uint8 activations), "
                          "which TensorRT does not take; quantize for TensorRT: m2f-export ... --int8 --calib DIR "
                          "--int8-target tensorrt")  # fmt: skip
+    if int8 and meta["precision"] != "int8":
+        raise InputError(
+            f"{onnx_path}: --int8 needs an explicitly quantized graph (QuantizeLinear/DequantizeLinear nodes, from "
+            f"m2f-export --int8 --calib DIR --int8-target tensorrt); this one is {meta['precision']}"
+        )
+    int8 = int8 or meta["precision"] == "int8"
+    fp16 = fp16 or meta["precision"] == "fp16"
+
+    # -- the static TensorRT compatibility check of the ONNX file belongs HERE: before TensorRT is imported --------
+
     trt = _tensorrt()
     from m2f_deploy.runtime.cuda import gpu_info
-    from m2f_deploy.runtime.tensorrt import trt_logger
+    from m2f_deploy.runtime.tensorrt import load_plugins, polygraphy_quiet, polygraphy_trt
 
+    backend = polygraphy_trt()
+    polygraphy_quiet(verbose)
     gpu = gpu_info(0)
-    logger = trt_logger(trt, verbose)
-    for library in plugin_libraries:
-        try:
-            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)  # plugins register themselves when loaded
-        except OSError as e:
-            raise InputError(f"--plugin-lib {library}: cannot load ({e})") from None
+    load_plugins(plugin_libraries, "--plugin-lib")
+    strong = trt_api.strongly_typed(trt)
+    if strong and int8 and fp16 and meta["precision"] == "int8":
+        log.warning("strongly typed TensorRT %s takes the QDQ graph's own types: --fp16 does not apply to it",
+                    trt.__version__)  # fmt: skip
+        fp16 = False
+    with tempfile.TemporaryDirectory(prefix=".m2f-trt-", dir=engine_path.parent) as scratch:
+        source = onnx_path
+        if strong and fp16 and meta["precision"] == "fp32":
+            source = _fp16_graph(onnx_path, Path(scratch))
+        pinned: list[str] = []
+        network = backend.NetworkFromOnnxPath(str(source), strongly_typed=trt_api.strongly_typed_network_flag(trt))
+        if fp32_layers and not strong and (fp16 or int8) and trt_api.can_pin_layers(trt):
 
-    builder = trt.Builder(logger)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:  # TensorRT 8.x needs explicit batch asked for
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        hint = " (the MSDA plugin: load its library with --plugin-lib)" if meta["msda"] == "trt_plugin" else ""
-        raise InputError(f"{onnx_path}: TensorRT's ONNX parser failed{hint}: {errors}")
+            def pin(network: Any) -> None:
+                pinned.extend(_pin_fp32(trt, network))
+                log.info("pinned %d layer(s) to float32 (LayerNorm, cross-attention softmax, sampling)", len(pinned))
 
-    config = builder.create_builder_config()
-    if workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    kinds = [_kind(network.get_layer(i)) for i in range(network.num_layers)]
-    if int8:
-        if "quantize" not in kinds:
-            raise InputError(
-                f"{onnx_path}: --int8 needs an explicitly quantized graph (QuantizeLinear/DequantizeLinear nodes, "
-                "from m2f-export --int8 --calib DIR); this one has none"
-            )
-        config.set_flag(trt.BuilderFlag.INT8)
-    pinned = 0
-    if fp32_layers and (fp16 or int8):
-        pinned = _pin_fp32(trt, network, kinds)
-        if pinned:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        log.info("pinned %d layer(s) to float32 (LayerNorm, cross-attention softmax, sampling)", pinned)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, low, opt, high)
-    config.add_optimization_profile(profile)
-    cache = None
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-
-    log.info("building the TensorRT %s engine on %s (profile min %s opt %s max %s) ...", trt.__version__, gpu.name,
-             low, opt, high)  # fmt: skip
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BackendError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    log.info("built in %.1f s", time.perf_counter() - start)
+            network = backend.PostprocessNetwork(network, func=pin, name="pin fp32 layers")
+        config = _Config(backend, trt, strong=strong, fp16=fp16, int8=int8, tf32=tf32, pinned=pinned,
+                         profile=(low, opt, high), workspace_gib=workspace_gib,
+                         timing_cache=Path(timing_cache) if timing_cache is not None else None)  # fmt: skip
+        log.info("building the TensorRT %s engine on %s (%s typed; profile min %s opt %s max %s) ...",
+                 trt.__version__, gpu.name, "strongly" if strong else "weakly", low, opt, high)  # fmt: skip
+        start = time.perf_counter()
+        serialized = _build(backend, network, config, onnx_path, meta)
+        log.info("built in %.1f s", time.perf_counter() - start)
 
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     sidecar = dict(meta)
@@ -188,32 +195,179 @@ def build_engine(
     sidecar["tensorrt"] = {
         "version": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability,
         "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
-        "flags": {"fp16": fp16, "int8": int8}, "fp32_layers": pinned,
+        "flags": {"tf32": tf32, "fp16": fp16, "int8": int8, "strongly_typed": strong},
+        "builder_flags": config.builder_flags, "pinned_fp32_layers": list(pinned),
         "plugin_libraries": [str(p) for p in plugin_libraries],
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": meta["precision"]},
     }  # fmt: skip
+    if source_was_converted := (strong and fp16 and meta["precision"] == "fp32"):
+        sidecar["tensorrt"]["onnx"]["converted_to"] = "fp16"
     sidecar_path = engine_sidecar_path(engine_path)
     with atomic_output(engine_path) as tmp_engine, atomic_output(sidecar_path) as tmp_sidecar:
         tmp_engine.write_bytes(memoryview(serialized))
         tmp_sidecar.write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
-    if cache is not None:
-        with atomic_output(timing_cache) as tmp:
-            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    log.info("wrote %s (%.1f MB) and %s", engine_path, engine_path.stat().st_size / 1e6, sidecar_path.name)
+    log.info("wrote %s (%.1f MB) and %s%s", engine_path, engine_path.stat().st_size / 1e6, sidecar_path.name,
+             " (from the fp16 graph made from the fp32 one)" if source_was_converted else "")  # fmt: skip
+    if config.timing_cache is not None:
+        _save_timing_cache(config)
     return engine_path
+
+
+def _build(backend: Any, network: Any, config: Any, onnx_path: Path, meta: dict[str, Any]) -> Any:
+    from polygraphy.exception import PolygraphyException
+
+    def parsed() -> Any:
+        try:
+            return network()
+        except PolygraphyException:
+            hint = (
+                " (TensorRT's MSDA plugin MultiscaleDeformableAttnPlugin_TRT ships in libnvinfer_plugin, loaded "
+                "with TensorRT; no --plugin-lib is needed: check that this TensorRT has the plugin version the "
+                "graph asks for)"
+                if meta.get("msda") == "trt_plugin"
+                else ""
+            )
+            raise InputError(f"{onnx_path}: TensorRT's ONNX parser failed{hint}; its errors are above") from None
+
+    try:
+        return backend.EngineBytesFromNetwork(parsed, config=config)()
+    except PolygraphyException as e:
+        raise BackendError(f"{onnx_path}: TensorRT could not build an engine ({e}; see its log above)") from None
+
+
+class _Config:
+    """Polygraphy's ``CreateConfig`` with our settings, plus the timing cache checked on load.
+
+    Called by ``EngineBytesFromNetwork`` after the network is parsed (and pinned), so precision constraints are
+    asked for only when layers were pinned. Keeps the config: the flags set go into the sidecar, the timing cache
+    is saved from it after the engine is written.
+    """
+
+    def __init__(self, backend: Any, trt: Any, *, strong: bool, fp16: bool, int8: bool, tf32: bool,
+                 pinned: list[str], profile: tuple[Shape, Shape, Shape], workspace_gib: float | None,
+                 timing_cache: Path | None):  # fmt: skip
+        self.backend, self.trt, self.strong = backend, trt, strong
+        self.fp16, self.int8, self.tf32, self.pinned = fp16, int8, tf32, pinned
+        self.profile, self.workspace_gib, self.timing_cache = profile, workspace_gib, timing_cache
+        self.config: Any = None
+        self.cache_rejected = False
+        self.builder_flags: list[str] = []
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments given to Polygraphy's ``CreateConfig``."""
+        low, opt, high = self.profile
+        kwargs: dict[str, Any] = {
+            "profiles": [self.backend.Profile().add(INPUT_NAME, min=low, opt=opt, max=high)],
+            "tf32": self.tf32,
+        }
+        if not self.strong:  # TensorRT 11 has no precision flags; 10.12+ deprecates them: strongly typed there
+            kwargs.update(fp16=self.fp16, int8=self.int8)
+            if self.pinned:
+                kwargs["precision_constraints"] = "obey"
+        if self.workspace_gib is not None:
+            kwargs["memory_pool_limits"] = {self.trt.MemoryPoolType.WORKSPACE: int(self.workspace_gib * (1 << 30))}
+        return kwargs
+
+    def __call__(self, builder: Any, network: Any) -> Any:
+        config = self.backend.CreateConfig(**self.kwargs())(builder, network)
+        if self.timing_cache is not None:
+            self.cache_rejected = _load_timing_cache(config, self.timing_cache)
+        flags = getattr(self.trt, "BuilderFlag", None)
+        members = getattr(flags, "__members__", {})
+        self.builder_flags = sorted(name for name, flag in members.items() if config.get_flag(flag))
+        self.config = config
+        return config
+
+
+def _load_timing_cache(config: Any, path: Path) -> bool:
+    """Attach the timing cache in ``path`` (read under Polygraphy's file lock); True when TensorRT rejected it.
+
+    TensorRT refuses (``set_timing_cache`` returns False) a cache written by another GPU or TensorRT version, or a
+    damaged one; Polygraphy ignores that return. Then the build runs with a new, empty cache, which replaces the
+    file afterwards (keeping the other GPU's entries is of no use here).
+    """
+    from polygraphy import util
+
+    data = b""
+    if path.is_file():
+        with util.LockFile(str(path)):
+            data = path.read_bytes()
+    try:
+        cache = config.create_timing_cache(data)
+        accepted = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False) is not False
+    except Exception as e:  # a damaged file: TensorRT raises from create_timing_cache
+        log.debug("timing cache %s: %s", path, e)
+        accepted = False
+    if accepted:
+        return False
+    log.warning("timing cache %s was written by another GPU or TensorRT version (or is damaged): building without "
+                "it; it will be replaced", path)  # fmt: skip
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return True
+
+
+def _save_timing_cache(config: _Config) -> None:
+    """Merge this build's timings into the cache file under Polygraphy's lock, as Polygraphy's
+    ``EngineBytesFromNetwork(save_timing_cache=...)`` does, but after the engine is written: a cache that cannot be
+    saved costs a warning, never the engine."""
+    from polygraphy import util
+
+    path = config.timing_cache
+    assert path is not None
+    try:
+        cache = config.config.get_timing_cache()
+        if not cache:
+            log.warning("TensorRT returned no timing cache: %s not updated", path)
+            return
+        with util.LockFile(str(path)):
+            if path.is_file() and not config.cache_rejected:  # another build may have added to it meanwhile
+                try:
+                    previous = config.config.create_timing_cache(path.read_bytes())
+                except Exception:
+                    previous = None
+                if previous is not None and not cache.combine(previous, ignore_mismatch=False):
+                    log.warning("could not merge %s into this build's timing cache; it is replaced", path)
+            with atomic_output(path) as tmp:
+                tmp.write_bytes(memoryview(cache.serialize()))
+        log.info("timing cache %s updated", path)
+    except Exception as e:  # what get_timing_cache() gives after a rejected cache is not documented
+        log.warning("the engine is written, but the timing cache %s was not updated: %s", path, e)
+
+
+def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
+    """The fp16 graph (fp32 islands, fp32 inputs and outputs) of an fp32 ``m2f-export`` graph, as ``--fp16`` makes
+    it: what a strongly typed TensorRT needs to build an fp16 engine."""
+    try:
+        import onnx
+
+        from m2f_deploy.export.fp16 import to_fp16
+    except ImportError as e:
+        raise BackendError(
+            f"{onnx_path} is an fp32 graph and this TensorRT builds strongly typed networks: --fp16 first converts "
+            f"it to fp16, which needs the onnx package (pip install 'm2f-deploy[export]'), or export with "
+            f"m2f-export CHECKPOINT --fp16 ({e})"
+        ) from None
+    log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
+    model = to_fp16(onnx.load(str(onnx_path)))
+    out = scratch / f"{onnx_path.stem}-fp16.onnx"
+    onnx.save(model, str(out), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 26))
+    return out
 
 
 def _kind(layer: Any) -> str:
     """``LayerType.NORMALIZATION`` -> ``normalization``."""
-    return re.sub(r".*\.", "", str(layer.type)).lower()
+    name = getattr(layer.type, "name", None)  # pybind11 enums have .name, as Python's do
+    return (name if isinstance(name, str) else re.sub(r".*\.", "", str(layer.type))).lower()
 
 
-def _pin_fp32(trt: Any, network: Any, kinds: list[str]) -> int:
+def _pin_fp32(trt: Any, network: Any) -> list[str]:
+    """Pin the float32 layers of a weakly typed reduced-precision build; returns their names."""
     floats = (trt.float32, trt.float16)
-    pinned = 0
-    for i, kind in enumerate(kinds):
+    pinned = []
+    for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if not tensorrt_fp32_layer(layer.name, kind):
+        kind = _kind(layer)
+        if kind in NOT_PINNED or not tensorrt_fp32_layer(layer.name, kind):
             continue
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if not outputs or any(t.dtype not in floats for t in outputs):
@@ -221,5 +375,5 @@ def _pin_fp32(trt: Any, network: Any, kinds: list[str]) -> int:
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
             layer.set_output_type(j, trt.float32)
-        pinned += 1
+        pinned.append(layer.name)
     return pinned

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m2f_deploy.artifact import OUTPUT_NAMES, read_onnx_metadata
+from m2f_deploy.artifact import HW_MULTIPLE, INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata
 from m2f_deploy.errors import M2FError
-from m2f_deploy.evaluation import matched_segments
-from m2f_deploy.modeling import Mask2Former
+from m2f_deploy.export.agreement import matched_segments, semantic_agreement
+from m2f_deploy.modeling import Mask2Former, numpy_logits
 
 # Max abs error allowed per output, by precision ("" = any other output). Not 1e-5: the masked
 # attention binarises mask logits at 0, and a logit within float error of 0 lets a query see one
@@ -106,7 +106,7 @@ def session(path: str | os.PathLike, msda: str):
 
     options = session_options(onnxruntime, precision=read_onnx_metadata(path)["precision"])
     if msda == "trt_plugin":
-        from m2f_deploy.export.plugin_standin import standin_session
+        from m2f_deploy.runtime.plugin_standin import standin_session
 
         return standin_session(path, sess_options=options)
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -118,7 +118,8 @@ def _cases(meta: dict) -> list[tuple[int, int, int, int]]:
     cases = [(b, 3, h, w)]
     if inp["dynamic_batch"] or inp["dynamic_hw"]:
         other_b = b + 1 if inp["dynamic_batch"] else b
-        other_h, other_w = (h + 32, max(32, w - 32)) if inp["dynamic_hw"] else (h, w)
+        step = inp.get("hw_multiple", HW_MULTIPLE)
+        other_h, other_w = (h + step, max(step, w - step)) if inp["dynamic_hw"] else (h, w)
         cases.append((other_b, 3, other_h, other_w))
     return cases
 
@@ -146,12 +147,12 @@ def validate_onnx(
         x = torch.randn(*shape, generator=generator)
         with torch.no_grad():
             ref = model(x.to(model.device, model.dtype))
-        expected = {k: getattr(ref, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+        expected = numpy_logits(ref)
         names = [o.name for o in sess.get_outputs()]
         if sorted(names) != sorted(OUTPUT_NAMES):
             case.problem = f"outputs are {names}, expected {list(OUTPUT_NAMES)}"
             continue
-        got = dict(zip(names, sess.run(None, {"pixel_values": x.numpy()})))
+        got = dict(zip(names, sess.run(None, {INPUT_NAME: x.numpy()}), strict=True))
         wrong = [f"{k} {got[k].shape} != {expected[k].shape}" for k in OUTPUT_NAMES if got[k].shape != expected[k].shape]
         if wrong:
             case.problem = "shape mismatch: " + "; ".join(wrong)
@@ -162,7 +163,7 @@ def validate_onnx(
         sizes = [shape[2:]] * shape[0]
         sem_ref = processor.post_process_semantic_segmentation(expected, target_sizes=sizes)
         sem_got = processor.post_process_semantic_segmentation(got, target_sizes=sizes)
-        case.semantic_agreement = float(np.mean([np.mean(a == b) for a, b in zip(sem_ref, sem_got)]))
+        case.semantic_agreement = semantic_agreement(sem_ref, sem_got)
         case.panoptic_matched = matched_segments(
             processor.post_process_panoptic_segmentation(expected, target_sizes=sizes),
             processor.post_process_panoptic_segmentation(got, target_sizes=sizes),

@@ -17,6 +17,9 @@ def mlp(dim: int, out_dim: int, num_layers: int = 3) -> nn.Sequential:
 
 
 class MaskPredictor(nn.Module):
+    """Mask head: a 3-layer MLP embeds each query [B, Q, C] -> [B, Q, C'], whose dot product with the mask features
+    [B, C', H, W] gives the mask logits [B, Q, H, W]."""
+
     def __init__(self, hidden_dim: int, mask_feature_size: int):
         super().__init__()
         self.mask_embedder = mlp(hidden_dim, mask_feature_size)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -11,7 +12,6 @@ from m2f_deploy.config import Mask2FormerConfig
 from m2f_deploy.modeling.pixel_decoder import PixelDecoder
 from m2f_deploy.modeling.swin import SwinBackbone
 from m2f_deploy.modeling.transformer_decoder import TransformerModule
-
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 
@@ -29,7 +29,19 @@ class Mask2FormerOutput(NamedTuple):
     auxiliary_logits: list[dict[str, Tensor]] | None = None
 
 
+def numpy_logits(output: Any) -> dict[str, np.ndarray]:
+    """The two logits of a model's output (ours or transformers') as float32 numpy arrays on the CPU, by name:
+    what the post-processes and the runtime take."""
+    return {
+        name: getattr(output, name).detach().float().cpu().numpy()
+        for name in ("class_queries_logits", "masks_queries_logits")
+    }
+
+
 class PixelLevelModule(nn.Module):
+    """Backbone (``encoder``: Swin, four maps at strides 4-32) and pixel decoder (``decoder``); named as
+    transformers names them, so that checkpoint keys match. Run by :class:`Mask2Former`."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.encoder = SwinBackbone(config.backbone_config)
@@ -37,6 +49,9 @@ class PixelLevelModule(nn.Module):
 
 
 class Mask2FormerModel(nn.Module):
+    """The pixel-level module and the transformer module (queries, masked-attention decoder) under transformers'
+    checkpoint names; :class:`Mask2Former` runs them and adds the class head."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.pixel_level_module = PixelLevelModule(config)

@@ -46,6 +46,10 @@ class DeformableSampler(nn.Module):
 
 
 class MultiscaleDeformableAttention(nn.Module):
+    """Deformable attention over the three levels: per head, level and point a learned offset from each token's
+    reference point and a softmax weight; sampled values are summed. [B, S, C] -> [B, S, C], S = tokens of all levels.
+    """
+
     def __init__(self, dim: int, num_heads: int, num_levels: int = NUM_LEVELS, num_points: int = NUM_POINTS):
         super().__init__()
         self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
@@ -69,6 +73,9 @@ class MultiscaleDeformableAttention(nn.Module):
 
 
 class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder block: deformable self-attention, then a ReLU feed-forward, each with a residual and
+    LayerNorm. [B, S, C] -> [B, S, C]."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         dim = config.feature_size
@@ -84,6 +91,8 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
+    """``encoder_layers`` :class:`DeformableEncoderLayer` blocks (``layers``), run by :class:`PixelDecoder`."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.layers = nn.ModuleList(DeformableEncoderLayer(config) for _ in range(config.encoder_layers))
@@ -119,6 +128,11 @@ def conv_gn(cin: int, cout: int, kernel: int, bias: bool, relu: bool = False) ->
 
 
 class PixelDecoder(nn.Module):
+    """The backbone's four maps (finest first) -> mask features [B, C', H/4, W/4] and the three multi-scale
+    features of the transformer decoder [B, C, H/32, W/32], [B, C, H/16, W/16], [B, C, H/8, W/8]: 1x1 projections,
+    the deformable encoder over the three coarse levels, then an FPN (lateral 1x1, upsample, 3x3) down to stride 4.
+    """
+
     def __init__(self, config: Mask2FormerConfig, feature_channels: list[int]):
         super().__init__()
         dim = config.feature_size

@@ -33,6 +33,8 @@ def window_reverse(windows: Tensor, ws: int, h, w) -> Tensor:
 
 
 class SwinPatchEmbeddings(nn.Module):
+    """Non-overlapping patch projection: a ``patch_size``-strided Conv2d, [B, 3, H, W] -> [B, C, H/4, W/4]."""
+
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.patch_size = config.patch_size
@@ -50,6 +52,8 @@ class SwinPatchEmbeddings(nn.Module):
 
 
 class SwinEmbeddings(nn.Module):
+    """Patch embedding then LayerNorm: [B, 3, H, W] -> tokens [B, H/4 * W/4, C] and the patch grid (H/4, W/4)."""
+
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.patch_embeddings = SwinPatchEmbeddings(config)
@@ -70,6 +74,9 @@ def relative_position_index(ws: int) -> Tensor:
 
 
 class SwinSelfAttention(nn.Module):
+    """Multi-head self-attention within each window, with a learned relative position bias per head:
+    [B*nW, N, C] -> [B*nW, N, C], N = window_size^2 tokens per window."""
+
     def __init__(self, config: SwinConfig, dim: int, num_heads: int):
         super().__init__()
         ws = config.window_size
@@ -112,6 +119,8 @@ class SwinSelfAttention(nn.Module):
 
 
 class SwinSelfOutput(nn.Module):
+    """The attention's output projection: [..., C] -> [..., C]."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.dense = nn.Linear(dim, dim)
@@ -121,6 +130,8 @@ class SwinSelfOutput(nn.Module):
 
 
 class SwinAttention(nn.Module):
+    """Window attention and its output projection: [B*nW, N, C] -> [B*nW, N, C]."""
+
     def __init__(self, config: SwinConfig, dim: int, num_heads: int):
         super().__init__()
         self.self = SwinSelfAttention(config, dim, num_heads)
@@ -131,6 +142,8 @@ class SwinAttention(nn.Module):
 
 
 class SwinIntermediate(nn.Module):
+    """The feed-forward's first half: Linear to ``mlp_ratio`` x C, then the activation: [..., C] -> [..., r*C]."""
+
     def __init__(self, config: SwinConfig, dim: int):
         super().__init__()
         self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
@@ -141,6 +154,8 @@ class SwinIntermediate(nn.Module):
 
 
 class SwinOutput(nn.Module):
+    """The feed-forward's second half: Linear back to C: [..., r*C] -> [..., C] (r = ``mlp_ratio``)."""
+
     def __init__(self, config: SwinConfig, dim: int):
         super().__init__()
         self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
@@ -265,6 +280,9 @@ class SwinPatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
+    """``depths[i]`` Swin blocks, windows alternately plain and shifted, then patch merging (all stages but the
+    last): [B, H*W, C] -> ([B, H*W, C], [B, ceil(H/2)*ceil(W/2), 2C] or None)."""
+
     def __init__(self, config: SwinConfig, index: int):
         super().__init__()
         dim = config.stage_channels[index]
@@ -281,6 +299,8 @@ class SwinStage(nn.Module):
 
 
 class SwinEncoder(nn.Module):
+    """The four stages (``layers``), run by :class:`SwinBackbone`, which norms each stage's output."""
+
     def __init__(self, config: SwinConfig):
         super().__init__()
         self.layers = nn.ModuleList(SwinStage(config, i) for i in range(len(config.depths)))

@@ -64,6 +64,9 @@ class MaskedCrossAttention(nn.Module):
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
+    """One decoder block: masked cross-attention to one pixel-decoder level, self-attention among the queries, a
+    feed-forward; post-norm (or pre-norm with ``pre_norm``). [B, Q, C] -> [B, Q, C]."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         dim = config.hidden_dim
@@ -91,6 +94,9 @@ class MaskedAttentionDecoderLayer(nn.Module):
 
 
 class MaskedAttentionDecoder(nn.Module):
+    """The ``decoder_layers - 1`` blocks, the shared final LayerNorm and the mask head; run by
+    :class:`TransformerModule`, which holds the round-robin loop."""
+
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
         self.layers = nn.ModuleList(MaskedAttentionDecoderLayer(config) for _ in range(config.decoder_layers - 1))

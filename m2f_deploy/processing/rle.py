@@ -1,6 +1,6 @@
 """Run-length encoding in the format HF's ``convert_segmentation_to_rle`` returns.
 
-Not pycocotools' compressed RLE: HF flattens row-major and lists ``[start, length, start, length, ...]`` with
+Not pycocotools' compressed RLE (that one is :func:`m2f_deploy.coco.coco_rle`): HF flattens row-major and lists ``[start, length, start, length, ...]`` with
 1-based starts, one list per distinct value of the segmentation map (background ``-1`` included), values in
 ascending order.
 """
@@ -22,29 +22,3 @@ def binary_mask_to_rle(mask: np.ndarray) -> list[int]:
 def segmentation_to_rle(segmentation: np.ndarray) -> list[list[int]]:
     """One run list per distinct value of ``segmentation`` ``[H, W]``, in ascending order of the values."""
     return [binary_mask_to_rle(segmentation == value) for value in np.unique(segmentation)]
-
-
-def coco_rle(mask: np.ndarray) -> dict[str, object]:
-    """COCO's compressed RLE of a binary mask ``[H, W]``: ``{"size": [H, W], "counts": str}``, as pycocotools'
-    ``mask.encode`` writes it (column-major runs starting with zeros; each count as 5-bit groups in ASCII from
-    48, the counts after the second stored as differences to the count two before)."""
-    mask = np.asarray(mask) != 0
-    height, width = mask.shape
-    flat = mask.reshape(-1, order="F")
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)  # runs start with zeros
-    chars = []
-    for i, count in enumerate(counts):
-        x = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            chars.append(chr(c + 48))
-    return {"size": [height, width], "counts": "".join(chars)}

@@ -57,3 +57,60 @@ def gpu_info(device: int = 0) -> GpuInfo:
         cuda.cuDeviceGetAttribute(ctypes.byref(minor), _COMPUTE_CAPABILITY_MINOR, handle),
     )
     return GpuInfo(name.value.decode(errors="replace"), f"{major.value}.{minor.value}")
+
+
+# -- the CUDA runtime library (libcudart) for Polygraphy's CUDA helpers ---------------------------------------------
+# Polygraphy looks for libcudart.so* on LD_LIBRARY_PATH, in /usr/local/cuda/lib64, /usr/lib, /lib and (0.53+) in the
+# nvidia-cuda-runtime-cu12 wheel's folder. A pip-only TensorRT install may have it elsewhere: the CUDA 13 wheels
+# (nvidia/cu13/lib), a distribution's multiarch folder, JetPack's /usr/local/cuda-*/. We look there too and put the
+# folder found on LD_LIBRARY_PATH (Polygraphy reads it when it first loads the library), or say what is missing.
+CUDART_GLOB = "libcudart.so*"
+
+
+def cudart_dirs() -> list[str]:
+    """Folders that may hold libcudart, most specific first."""
+    import glob
+    import os
+    import site
+    import sys
+
+    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda",
+             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]  # fmt: skip
+    dirs += [os.path.join(r, sub) for r in roots if r for sub in ("lib64", "lib", "targets/x86_64-linux/lib",
+                                                                   "targets/aarch64-linux/lib")]  # fmt: skip
+    packages = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
+    for root in dict.fromkeys(p for p in packages if p and os.path.isdir(os.path.join(p, "nvidia"))):
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))  # cuda_runtime (cu12), cu13, ...
+    dirs += ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib"]
+    return list(dict.fromkeys(os.path.normpath(d) for d in dirs))
+
+
+def find_cudart(dirs: list[str] | None = None) -> str | None:
+    """The first libcudart.so* in :func:`cudart_dirs` (or ``dirs``), or None."""
+    import glob
+    import os
+
+    for folder in cudart_dirs() if dirs is None else dirs:
+        found = sorted(glob.glob(os.path.join(folder, CUDART_GLOB)))
+        if found:
+            return found[0]
+    return None
+
+
+def ensure_cudart() -> str:
+    """Make sure Polygraphy's CUDA helpers will find libcudart; returns its path, or :class:`BackendError`."""
+    import os
+
+    path = find_cudart()
+    if path is None:
+        raise BackendError(
+            "the CUDA runtime library (libcudart.so) was not found (looked in LD_LIBRARY_PATH, the CUDA toolkit "
+            "folders and pip's nvidia/*/lib): pip install nvidia-cuda-runtime-cu12 (TensorRT 10 for CUDA 12) or "
+            "nvidia-cuda-runtime (CUDA 13), or add the toolkit's lib64 folder to LD_LIBRARY_PATH"
+        )
+    folder = os.path.dirname(path)
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if folder not in current.split(os.pathsep):
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (folder, current) if p)
+    return path

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from m2f_deploy.artifact import INPUT_NAME
-from m2f_deploy.errors import BackendError, InputError
+from m2f_deploy.errors import BackendError, InputError, M2FError
+from m2f_deploy.runtime.base import BaseRunner, InputSpec
 
 log = logging.getLogger("m2f_deploy.runtime")
 
@@ -72,7 +73,7 @@ def _cache_dir() -> Path:
     return Path(root) / "m2f_deploy" / "ort-tensorrt"
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(BaseRunner):
     """An onnxruntime session over one artifact. ``backend``: ``auto`` or a key of :data:`PROVIDERS`."""
 
     def __init__(
@@ -86,6 +87,7 @@ class OnnxRuntimeRunner:
     ):
         ort = onnxruntime_module()
         self.path = path
+        self.input_spec = InputSpec.from_metadata(meta)
         self.precision = meta["precision"]
         available = ort.get_available_providers()
         plugin = meta["msda"] == "trt_plugin"
@@ -147,9 +149,7 @@ class OnnxRuntimeRunner:
             providers.append("CPUExecutionProvider")  # for the few nodes a GPU provider may not take
         try:
             if plugin and backend == "cpu":
-                from m2f_deploy.export.plugin_standin import (
-                    standin_session,
-                )  # needs onnx, onnxruntime-extensions
+                from m2f_deploy.runtime.plugin_standin import standin_session  # needs onnx, onnxruntime-extensions
 
                 session = standin_session(self.path, sess_options=options)
             else:
@@ -173,14 +173,24 @@ class OnnxRuntimeRunner:
             )
         return session
 
-    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs by name. ``InputError`` when onnxruntime rejects ``pixel_values`` (its type or shape against
+        the graph's input); any other failure while running is the backend's or the graph's: ``BackendError``."""
         try:
             outputs = self.session.run(None, {INPUT_NAME: pixel_values})
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"{self.path}: onnxruntime failed on input {pixel_values.shape}: {e}") from None
-        return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs)}
+        except M2FError:
+            raise  # the plugin stand-in's own typed errors
+        except Exception as e:  # onnxruntime's exception types live in a private module: told apart by name
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            given = f"{INPUT_NAME} {pixel_values.dtype} {list(pixel_values.shape)}"
+            if type(e).__name__ == "InvalidArgument" or "INVALID_ARGUMENT" in message:
+                raise InputError(f"{self.path}: onnxruntime rejects {given}: {message}") from None
+            raise BackendError(
+                f"{self.path}: onnxruntime ({self.backend}) failed running on {given}: {message}"
+            ) from None
+        return {
+            name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs, strict=True)
+        }
 
     def close(self) -> None:
         self.session = None

@@ -1,4 +1,4 @@
-"""Synthetic Mask2Former outputs for tests, benchmarks and smoke checks (no model needed).
+"""Fake Mask2Former outputs for tests, benchmarks and smoke checks (no model needed; numpy and Pillow only).
 
 ``"scene"`` outputs look like a trained model's: "stuff" queries whose masks tile the image in bands, confident
 object queries with blob-shaped masks in front of them (objects overlap each other and cut into the stuff),
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2f_deploy.processing.postprocess.resample import bilinear, resize_maps
+from m2f_deploy.data.shapes import smooth_noise
 
 
 def synthetic_outputs(
@@ -48,7 +48,7 @@ def synthetic_outputs(
 
     classes = rng.normal(-2.5, 1.2, (batch, num_queries, num_classes + 1))
     classes[..., -1] = rng.uniform(4.0, 8.0, (batch, num_queries))  # "no object"
-    masks = -4.0 + 3.0 * _smooth_noise(rng, (batch, num_queries), mask_size)
+    masks = -4.0 + 3.0 * _noise(rng, mask_size, (batch, num_queries))
     ys, xs = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
     for b in range(batch):
         stuff, hesitant = 3, objects // 3 + 1
@@ -58,18 +58,18 @@ def synthetic_outputs(
             classes[b, q, -1] = rng.normal()
             confidence = rng.uniform(5.0, 9.0) if rank < objects else rng.uniform(1.5, 3.5)
             classes[b, q, rng.integers(num_classes)] = confidence
-            masks[b, q] = _blob(rng, ys, xs) + _smooth_noise(rng, (), mask_size)
+            masks[b, q] = _blob(rng, ys, xs) + _noise(rng, mask_size)
             in_front = np.maximum(in_front, masks[b, q])
         # stuff: bands across the image along a random direction, pushed back where objects are
         angle = rng.uniform(0, np.pi)
-        along = np.cos(angle) * ys + np.sin(angle) * xs + 0.1 * _smooth_noise(rng, (), mask_size)
+        along = np.cos(angle) * ys + np.sin(angle) * xs + 0.1 * _noise(rng, mask_size)
         cuts = np.quantile(along, np.sort(rng.uniform(0.2, 0.8, stuff - 1)))
         edges = np.concatenate([[-np.inf], cuts, [np.inf]])
         for band, q in enumerate(chosen[:stuff]):
             classes[b, q, -1] = rng.normal()
             classes[b, q, rng.integers(num_classes)] = rng.uniform(5.0, 9.0)
             outside = np.maximum(edges[band] - along, 0) + np.maximum(along - edges[band + 1], 0)
-            masks[b, q] = 8.0 - 60.0 * outside - 5.0 * np.maximum(in_front + 1, 0) + _smooth_noise(rng, (), mask_size)
+            masks[b, q] = 8.0 - 60.0 * outside - 5.0 * np.maximum(in_front + 1, 0) + _noise(rng, mask_size)
     return {"class_queries_logits": classes.astype(np.float32), "masks_queries_logits": masks.astype(np.float32)}
 
 
@@ -84,9 +84,7 @@ def _blob(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.ndarra
     return np.clip(rng.uniform(4.0, 12.0) * (1.0 - (u**2 + v**2)), -15.0, 15.0)
 
 
-def _smooth_noise(rng: np.random.Generator, lead: tuple[int, ...], size: tuple[int, int]) -> np.ndarray:
-    """Standard-normal noise on an 8x coarser grid, upsampled: ``[*lead, h, w]``."""
-    h, w = size
-    coarse = rng.standard_normal((int(np.prod(lead, dtype=np.int64)), max(2, h // 8), max(2, w // 8)))
-    fine = resize_maps(coarse, bilinear(coarse.shape[1], h), bilinear(coarse.shape[2], w))
-    return fine.reshape(*lead, h, w)
+def _noise(rng: np.random.Generator, size: tuple[int, int], lead: tuple[int, ...] = ()) -> np.ndarray:
+    """Standard-normal noise on an 8x coarser grid, bilinearly upsampled: ``[*lead, h, w]``."""
+    grid = (max(2, size[0] // 8), max(2, size[1] // 8))
+    return smooth_noise(rng, size, grid, lead, normal=True, cubic=False)

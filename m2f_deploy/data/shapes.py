@@ -12,8 +12,8 @@ cropped by the image border (at most half).
 
 Sample ``i`` of a dataset with seed ``s`` is ``generate_sample((s, i))``: a training script can draw samples
 on the fly and keep a held-out seed for validation. ``write_dataset`` writes a folder in COCO formats
-(panoptic PNGs and json, instances json with RLE masks, semantic label PNGs); ``load_dataset`` reads it back.
-numpy and Pillow only.
+(panoptic PNGs and json, instances json with RLE masks, semantic label PNGs);
+:func:`m2f_deploy.data.coco_folder.load_dataset` reads it back. numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,6 @@ from PIL import Image
 
 from m2f_deploy import coco
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing.rle import coco_rle
-from m2f_deploy.utils import parse_json_object
 
 CLASSES: list[dict[str, Any]] = [
     {"id": 0, "name": "sky", "isthing": 0, "supercategory": "stuff", "color": [110, 160, 225]},
@@ -153,14 +151,14 @@ def _stuff_colours(rng: np.random.Generator, layout: np.ndarray, grid: np.ndarra
     # sky: deep blue at the top, paler down, white clouds
     top, low = _jitter(rng, (60, 110, 200), 15), _jitter(rng, (165, 200, 240), 10)
     sky = top + (low - top) * np.clip(y / 0.6, 0, 1)[..., None]
-    clouds = np.clip((_smooth_noise(rng, (height, width), 24) - 0.5) * 2.0, 0, 0.85)[..., None]
+    clouds = np.clip((_texture(rng, (height, width), 24) - 0.5) * 2.0, 0, 0.85)[..., None]
     sky += (np.float32(240) - sky) * clouds
     # ground: brown, blotchy and speckled
-    ground = _jitter(rng, (125, 100, 65), 12) + 18 * _smooth_noise(rng, (height, width), 12)[..., None]
+    ground = _jitter(rng, (125, 100, 65), 12) + 18 * _texture(rng, (height, width), 12)[..., None]
     ground += rng.normal(0.0, 14.0, (height, width, 1))
     # water: dark blue-teal with horizontal ripples
     period = rng.uniform(5.0, 8.0)
-    ripple = np.sin(2 * np.pi * (grid[0] / period + 0.6 * _smooth_noise(rng, (height, width), 20)))
+    ripple = np.sin(2 * np.pi * (grid[0] / period + 0.6 * _texture(rng, (height, width), 20)))
     water = _jitter(rng, (35, 85, 125), 10) + 16 * ripple[..., None] + rng.normal(0.0, 5.0, (height, width, 1))
     for label, texture in ((SKY, sky), (GROUND, ground), (WATER, water)):
         image[layout == label] = texture[layout == label]
@@ -257,12 +255,32 @@ def _jitter(rng: np.random.Generator, colour: Sequence[int], spread: float) -> n
     return np.clip(np.asarray(colour, np.float32) + rng.uniform(-spread, spread, 3), 0, 255).astype(np.float32)
 
 
-def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cell: int) -> np.ndarray:
-    """``[H, W]`` float32 in about 0..1: uniform noise on a grid of ``cell``-pixel cells, bicubically upsampled."""
+def smooth_noise(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    grid: tuple[int, int],
+    lead: tuple[int, ...] = (),
+    *,
+    normal: bool = False,
+    cubic: bool = True,
+) -> np.ndarray:
+    """``[*lead, H, W]`` float32 smooth noise: random values on a coarse ``grid`` (rows, columns) upsampled to
+    ``size`` (H, W) by Pillow, bicubic (or bilinear: ``cubic=False``), one map per index of ``lead``.
+
+    The grid values are uniform in 0..1 (bicubic overshoots that range a little), or standard normal with
+    ``normal``. The shapes' textures and the fake logits of :mod:`m2f_deploy.testing.logits` both use it.
+    """
     height, width = size
-    coarse = rng.random((height // cell + 2, width // cell + 2)).astype(np.float32)
-    fine = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-    return np.asarray(fine, np.float32)
+    shape = (int(np.prod(lead, dtype=np.int64)), *grid)
+    coarse = (rng.standard_normal(shape) if normal else rng.random(shape)).astype(np.float32)
+    resample = Image.Resampling.BICUBIC if cubic else Image.Resampling.BILINEAR
+    fine = [np.asarray(Image.fromarray(c).resize((width, height), resample)) for c in coarse]
+    return np.stack(fine).reshape(*lead, height, width)
+
+
+def _texture(rng: np.random.Generator, size: tuple[int, int], cell: int) -> np.ndarray:
+    """``[H, W]`` float32 in about 0..1: uniform noise on ``cell``-pixel cells, bicubically upsampled."""
+    return smooth_noise(rng, size, (size[0] // cell + 2, size[1] // cell + 2))
 
 
 def _inside(u: np.ndarray, v: np.ndarray, polygon: np.ndarray) -> np.ndarray:
@@ -347,7 +365,7 @@ def _write_samples(
                         "id": len(instances) + 1,  # COCOeval needs ids from 1
                         "image_id": index,
                         "category_id": segment["category_id"],
-                        "segmentation": coco_rle(sample.panoptic == segment["id"]),
+                        "segmentation": coco.coco_rle(sample.panoptic == segment["id"]),
                         "area": segment["area"],
                         "bbox": segment["bbox"],
                         "iscrowd": 0,
@@ -369,152 +387,3 @@ def _write_samples(
     }
     for name, document in documents.items():
         (folder / name).write_text(json.dumps(document, separators=(",", ":")) + "\n", encoding="utf-8")
-
-
-# -- reading -----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Record:
-    """One image of a dataset folder: its id, size, file paths and COCO panoptic ``segments_info``."""
-
-    image_id: int
-    height: int
-    width: int
-    image_path: Path
-    panoptic_path: Path
-    semantic_path: Path
-    segments: tuple[Mapping[str, Any], ...]
-
-    def image(self) -> np.ndarray:
-        """``[H, W, 3]`` uint8."""
-        return _read_png(self.image_path, "RGB", (self.height, self.width))
-
-    def panoptic(self) -> np.ndarray:
-        """``[H, W]`` int32 segment ids (0: none), decoded from the COCO panoptic PNG."""
-        return coco.rgb_to_id(_read_png(self.panoptic_path, "RGB", (self.height, self.width))).astype(np.int32)
-
-    def semantic(self) -> np.ndarray:
-        """``[H, W]`` uint8 category ids (255: none)."""
-        return _read_png(self.semantic_path, "L", (self.height, self.width))
-
-    def ground_truth(self) -> dict[str, Any]:
-        """``{"segmentation", "segments_info"}`` as :class:`m2f_deploy.evaluation.PanopticEvaluator` takes it."""
-        return {"segmentation": self.panoptic(), "segments_info": [dict(s) for s in self.segments]}
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A dataset folder as ``write_dataset`` writes it: its categories, records and COCO instances file."""
-
-    folder: Path
-    categories: tuple[Mapping[str, Any], ...]
-    records: tuple[Record, ...]
-    instances_json: Path
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return {int(c["id"]): str(c["name"]) for c in self.categories}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(self.records)
-
-    def __getitem__(self, index: int) -> Record:
-        return self.records[index]
-
-
-def load_dataset(folder: str | os.PathLike) -> Dataset:
-    """Read and check a dataset folder's json files and that every listed PNG exists (PNGs are read lazily).
-
-    Raises ``InputError`` naming the file when something is missing or malformed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such dataset folder")
-    panoptic_json = folder / "panoptic.json"
-    document = _read_json(panoptic_json)
-    categories = _objects(document, "categories", ("id", "name", "isthing"), panoptic_json)
-    images = _objects(document, "images", ("id", "file_name", "height", "width"), panoptic_json)
-    annotations = _objects(document, "annotations", ("image_id", "file_name", "segments_info"), panoptic_json)
-    known = {c["id"] for c in categories}
-    by_image = {a["image_id"]: a for a in annotations}
-    records = []
-    for image in images:
-        annotation = by_image.get(image["id"])
-        if annotation is None:
-            raise InputError(f"{panoptic_json}: image {image['id']} has no annotation")
-        if not (_integers(image, ("id", "height", "width")) and _strings((image, annotation), "file_name")):
-            raise InputError(
-                f"{panoptic_json}: image {image['id']}: id, height, width must be integers and file_name a string"
-            )
-        segments = annotation["segments_info"]
-        if not isinstance(segments, list) or not all(_has(s, ("id", "category_id")) for s in segments):
-            raise InputError(
-                f"{panoptic_json}: segments_info of image {image['id']} must be a list of objects "
-                "with id and category_id"
-            )
-        unknown = {s["category_id"] for s in segments} - known
-        if unknown:
-            raise InputError(f"{panoptic_json}: image {image['id']} has segments of unknown categories {unknown}")
-        paths = [
-            folder / "images" / image["file_name"],
-            folder / "panoptic" / annotation["file_name"],
-            folder / "semantic" / annotation["file_name"],
-        ]
-        for path in paths:
-            if not path.is_file():
-                raise InputError(f"{path}: missing (listed in {panoptic_json})")
-        records.append(Record(image["id"], image["height"], image["width"], *paths, tuple(segments)))
-    instances_json = folder / "instances.json"
-    instances = _read_json(instances_json)
-    for key in ("images", "annotations", "categories"):
-        _objects(instances, key, (), instances_json)
-    return Dataset(folder, tuple(categories), tuple(records), instances_json)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read it ({err})") from None
-    return parse_json_object(text, str(path), InputError)
-
-
-def _has(entry: Any, fields: Sequence[str]) -> bool:
-    return isinstance(entry, dict) and all(field in entry for field in fields)
-
-
-def _integers(entry: Mapping[str, Any], fields: Sequence[str]) -> bool:
-    return all(isinstance(entry[field], int) and not isinstance(entry[field], bool) for field in fields)
-
-
-def _strings(entries: Sequence[Mapping[str, Any]], field: str) -> bool:
-    return all(isinstance(entry[field], str) for entry in entries)
-
-
-def _objects(document: Mapping[str, Any], key: str, fields: Sequence[str], path: Path) -> list[dict[str, Any]]:
-    """``document[key]``: a list of objects that each have ``fields``; otherwise an ``InputError`` naming ``path``."""
-    entries = document.get(key)
-    if not isinstance(entries, list) or not all(_has(e, fields) for e in entries):
-        need = f" with {', '.join(fields)}" if fields else ""
-        raise InputError(f"{path}: '{key}' must be a list of objects{need}")
-    return entries
-
-
-def _read_png(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """The PNG at ``path`` as an array; ``InputError`` naming it when unreadable, of another mode or size."""
-    try:
-        with Image.open(path) as picture:
-            picture.load()
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read the image ({err})") from None
-    if picture.mode != mode:
-        raise InputError(f"{path}: expected a {mode} image, got mode {picture.mode}")
-    if (picture.height, picture.width) != size:
-        raise InputError(f"{path}: expected {size[0]} x {size[1]} pixels, got {picture.height} x {picture.width}")
-    return np.asarray(picture)

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.py runs where only some libraries exist: its CPU smoke mode, here, says what it skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_cpu_smoke_runs_what_it_can_says_what_it_skipped_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    gpu_check = load_script()
+    out = tmp_path / "check"
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--runs", "2"]) == 0
+    first = {r["key"]: r for r in rows(out)}
+    assert first["parity: ours vs transformers fp32"]["metrics"]["pass"] is True
+    assert first["onnxruntime cpu fp32"]["metrics"]["max_abs_masks"] < 1e-4
+    for precision in ("fp32", "fp16", "int8"):
+        row = first[f"TensorRT engine {precision}"]
+        assert row["status"] == "skipped" and "TensorRT is not installed" in row["reason"]
+    assert "CUDAExecutionProvider" in first["onnxruntime cuda fp32"]["reason"]
+    assert "not part of the CPU smoke run" in first["torch.compile fp32 vs eager"]["reason"]
+    variants = {v["variant"] for v in first["latency"]["metrics"]["variants"]}
+    assert {"eager float32", "transformers eager fp32", "onnxruntime cpu fp32"} <= variants
+    table = (out / "results.md").read_text()
+    assert "| parity: ours vs transformers fp32 | ok |" in table and "| TensorRT engine int8 | skipped |" in table
+    # a re-run keeps what is done: no finished row is recorded twice
+    lines = len(rows(out))
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--runs", "2"]) == 0
+    again = rows(out)[lines:]
+    assert again and all(r["status"] != "ok" for r in again)  # only the skipped rows were tried again
+
+
+def test_a_spent_budget_leaves_rows_for_the_next_run(tmp_path):
+    gpu_check = load_script()
+    out = tmp_path / "check"
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--budget", "0"]) == 0
+    recorded = {r["key"]: r for r in rows(out)}
+    assert recorded["environment"]["status"] == "ok"  # what the machine is: always recorded
+    for key in ("parity: ours vs transformers fp32", "onnxruntime cpu fp32", "latency"):
+        assert recorded[key]["status"] == "skipped" and "time budget (0 s) spent: re-run" in recorded[key]["reason"]
