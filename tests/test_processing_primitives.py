@@ -102,8 +102,27 @@ def test_product_equals_matmul_also_into_columns(s, m, n):
     assert product(left, right, out=wide[:, 4 : 4 + n]).base is wide
     np.testing.assert_allclose(wide[:, 4 : 4 + n], expected, rtol=1e-5)
     assert not wide[:, :4].any() and not wide[:, 4 + n :].any()
-    with Workers(2) as workers:  # split by columns across threads when large: the same values
+    with Workers(2) as workers:  # below PARALLEL_MIN output values: the same blocks, the same values
         np.testing.assert_array_equal(product(left, right, workers=workers), product(left, right))
+
+
+def test_large_products_go_to_blas_whole_only_when_threads_are_allowed(monkeypatch):
+    from m2f_deploy.processing.postprocess import resample
+
+    rng = np.random.default_rng(6)
+    left, right = rng.random((64, 10), np.float32), rng.random((10, PARALLEL_MIN // 64), np.float32)
+    blocked = []
+    original = resample._column_blocks
+    monkeypatch.setattr(resample, "_column_blocks", lambda *a: blocked.append(1) or original(*a))
+    one = product(left, right)
+    assert blocked  # one thread: blocks that BLAS keeps on the calling thread
+    blocked.clear()
+    with Workers(2) as workers:
+        whole = product(left, right, workers=workers)
+    assert not blocked  # threads allowed and a large product: one matmul on BLAS' threads
+    np.testing.assert_allclose(whole, one, rtol=1e-5)
+    product(left, right[:, :1000], workers=Workers(2))
+    assert blocked  # a small one stays in blocks
 
 
 def test_workers_split_only_large_steps_and_only_when_given_threads():
