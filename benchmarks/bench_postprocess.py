@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_postprocess.py            # the table in the issue
     .venv/bin/python benchmarks/bench_postprocess.py --repeats 31 --target 480 640 --rounds 5
+    .venv/bin/python benchmarks/bench_postprocess.py --threads 1                  # ours on one thread
 
 One image, 100 queries, 133 classes, mask logits 96x128, target size 480x640 (height x width), default
 thresholds. Three kinds of logits (``m2f_deploy.testing.logits``): "scene" looks like a trained model's
@@ -14,8 +15,8 @@ neither runs while the other's thread pool (torch's OpenMP, numpy's OpenBLAS) is
 blocks alternate ``--rounds`` times (ours, theirs, ours, ...), so that a change of load on the machine hits
 both: the table shows medians over all runs, and the speedup is the median over rounds of the ratio of the
 two blocks' medians (with its range over rounds). The load average is printed: on a busy machine torch's
-threads suffer more than numpy's single thread, so ratios measured there come out high. Prints a markdown
-table to paste into an issue.
+threads suffer more than numpy's, so ratios measured there come out high. Ours runs with ``--threads`` (default:
+one per core, as torch does; the processor's own default is 1). Prints a markdown table to paste into an issue.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--classes", type=int, default=133)
     parser.add_argument("--rounds", type=int, default=3, help="alternating blocks of each implementation")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="post-processing threads of ours (default: one per core)"
+    )
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
-    ours = ImageProcessor()
+    ours = ImageProcessor(threads=args.threads)
     theirs = transformers.Mask2FormerImageProcessorPil()
     target = [tuple(args.target)]
     load_before = os.getloadavg()[0]
@@ -71,7 +75,8 @@ def main() -> None:
         f"Post-processing, 1 image, {args.queries} queries, {args.classes} classes, mask logits 96x128, "
         f"target {args.target[0]}x{args.target[1]} (HxW); {args.rounds} rounds of {args.repeats} runs each.\n"
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, numpy {np.__version__}; "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, numpy {np.__version__}, "
+        f"m2f_deploy {args.threads} post-processing threads; "
         f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n"
     )
     print("| post-process | logits | segments | transformers (ms) | m2f_deploy (ms) | speedup | speedup range |")

@@ -132,3 +132,27 @@ def test_cli_errors_are_one_line(artifact, tmp_path):
         assert code == 1 and err.count("\n") == 0 and "CUDAExecutionProvider" in err
     code, err = cli(str(artifact), str(tmp_path), "--fuse", "9")
     assert code == 1 and "--fuse 9: '9' is not a label id" in err
+    code, err = cli(str(artifact), str(tmp_path), "--threads", "0")
+    assert code == 1 and err.count("\n") == 0 and "threads must be a positive whole number or None, got 0" in err
+
+
+def test_exact_and_threads_reach_the_post_processing(artifact, folder, tmp_path, monkeypatch):
+    from m2f_deploy.processing.postprocess import reference
+    from m2f_deploy.runtime import segmenter
+
+    made = []
+    original = segmenter.Segmenter.__init__
+    monkeypatch.setattr(
+        segmenter.Segmenter, "__init__", lambda self, *a, **k: made.append(k) or original(self, *a, **k)
+    )
+    called = []
+    exact = reference.panoptic_segmentation
+    monkeypatch.setattr(reference, "panoptic_segmentation", lambda *a: called.append(1) or exact(*a))
+    scene = str(folder / "scene.png")
+    assert main([str(artifact), scene, "--out", str(tmp_path / "fast"), "-q", "--no-overlay", *LOW]) == 0
+    assert not called and made[-1]["postprocess"] == "fast" and made[-1]["threads"] is None
+    args = ["--out", str(tmp_path / "exact"), "-q", "--no-overlay", "--exact", "--threads", "2", *LOW]
+    assert main([str(artifact), scene, *args]) == 0
+    assert called and made[-1]["postprocess"] == "reference" and made[-1]["threads"] == 2
+    fast, exact_png = (np.asarray(Image.open(tmp_path / d / "panoptic" / "scene.png")) for d in ("fast", "exact"))
+    assert np.array_equal(fast, exact_png)

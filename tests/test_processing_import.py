@@ -19,8 +19,9 @@ def test_processing_never_imports_torch():
         processor = ImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
         processor(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.uint8))
         outputs = synthetic_outputs(num_queries=8, num_classes=5, mask_size=(16, 16))
-        for task in ("semantic", "instance", "panoptic"):
-            getattr(processor, f"post_process_{task}_segmentation")(outputs, target_sizes=[(30, 20)])
+        for post in (processor, ImageProcessor(postprocess="reference"), ImageProcessor(threads=2)):
+            for task in ("semantic", "instance", "panoptic"):
+                getattr(post, f"post_process_{task}_segmentation")(outputs, target_sizes=[(30, 20)])
         heavy = sorted(m for m in ("torch", "torchvision", "transformers") if m in sys.modules)
         assert not heavy, heavy
         """

@@ -1,4 +1,9 @@
-"""The three post-processes of m2f_deploy.processing against transformers, on the same logits."""
+"""The three post-processes of m2f_deploy.processing against transformers, on the same logits.
+
+Instance segments are compared as sets (same labels, same scores, same masks): our documented order (score
+descending) replaces HF's, which depends on how torch was built; where masks overlap, ours gives the pixel to the
+highest score (checked here), HF to one of the segments covering it (checked too).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from m2f_deploy.errors import InputError
-from m2f_deploy.processing import WORKING_SIZE, ImageProcessor, postprocess
+from m2f_deploy.processing import WORKING_SIZE, ImageProcessor
+from m2f_deploy.processing.postprocess import semantic
+from m2f_deploy.processing.rle import segmentation_to_rle
 from m2f_deploy.testing.logits import synthetic_outputs
 
 transformers.logging.set_verbosity_error()
@@ -24,7 +31,7 @@ TARGETS = [(240, 320), (97, 61)]  # one upsampling, one downsampling target, in 
 
 # Realistic outputs: stuff regions, overlapping blob-shaped objects, hesitant queries near the thresholds.
 SCENE = synthetic_outputs(batch=2, num_queries=60, num_classes=133, kind="scene", seed=1)
-# 19 classes: torch's unsorted top-k takes its nth_element branch, whose order instance segmentation inherits.
+# 19 classes: torch's unsorted top-k takes its nth_element branch (an order we do not follow: sets are compared).
 SCENE_FEW_CLASSES = synthetic_outputs(batch=2, num_queries=60, num_classes=19, kind="scene", objects=14, seed=2)
 NOISE = synthetic_outputs(batch=2, num_queries=60, num_classes=133, kind="noise", seed=3)
 OUTPUTS = {"scene": SCENE, "scene-19-classes": SCENE_FEW_CLASSES, "noise": NOISE}
@@ -56,6 +63,46 @@ def _assert_same_segments(ours: list[dict], theirs: list[dict]) -> None:
         np.testing.assert_array_equal(mine["segmentation"], hf_map)
 
 
+def _matched_ids(ours: list[dict], theirs: list[dict]) -> dict[int, int]:
+    """HF's segment id -> ours, matching segments by (label, score); ours must come in our documented order."""
+    assert len(ours) == len(theirs)
+    assert [s["id"] for s in ours] == list(range(len(ours)))
+    assert [s["score"] for s in ours] == sorted((s["score"] for s in ours), reverse=True)  # score descending
+    mapping = {}
+    key = lambda s: (s["label_id"], s["score"])  # noqa: E731
+    for a, b in zip(sorted(ours, key=key), sorted(theirs, key=key)):
+        assert (a["label_id"], a["was_fused"]) == (b["label_id"], b["was_fused"])
+        assert abs(a["score"] - b["score"]) <= 1e-5
+        mapping[b["id"]] = a["id"]
+    return mapping
+
+
+def _assert_same_instances(ours: list[dict], theirs: list[dict], masks: list) -> None:
+    """Our instance results against HF's, as sets; ``masks``: our ``return_binary_maps`` results (the masks
+    before painting, in our segment order)."""
+    assert len(ours) == len(theirs) == len(masks)
+    for mine, hf, binary in zip(ours, theirs, masks):
+        hf_map, our_map = hf["segmentation"].numpy(), mine["segmentation"]
+        assert our_map.dtype == hf_map.dtype and our_map.shape == hf_map.shape
+        mapping = _matched_ids(mine["segments_info"], hf["segments_info"])
+        if not mapping:
+            assert (our_map == -1).all() and (hf_map == -1).all()
+            continue
+        stack = binary["segmentation"].astype(bool)  # [N, H, W]
+        assert stack.shape == (len(mapping), *our_map.shape)
+        coverage = stack.sum(axis=0)
+        hf_as_ours = np.vectorize(lambda i: mapping.get(int(i), -1), otypes=[np.float32])(hf_map)
+        single = coverage <= 1  # each segment's own pixels, where no other mask overlaps: identical
+        np.testing.assert_array_equal(our_map[single], hf_as_ours[single])
+        for j in range(len(stack)):
+            assert ((our_map == j) & single).sum() == (stack[j] & single).sum()
+        overlap = np.flatnonzero(~single.reshape(-1))
+        if overlap.size:  # ours: the first (highest score) covering segment; HF's: one of those covering it
+            flat = stack.reshape(len(stack), -1)[:, overlap]
+            np.testing.assert_array_equal(our_map.reshape(-1)[overlap], flat.argmax(axis=0))
+            assert flat[hf_as_ours.reshape(-1)[overlap].astype(np.int64), np.arange(overlap.size)].all()
+
+
 # -- semantic ------------------------------------------------------------------------------------------------------
 
 
@@ -74,8 +121,8 @@ def test_semantic_matches_transformers(name, target_sizes):
 @pytest.mark.parametrize("target_sizes", [None, TARGETS + [(480, 640)]], ids=["working-grid", "targets"])
 def test_semantic_on_untrained_outputs_matches_transformers(monkeypatch, target_sizes):
     exact = []
-    original = postprocess._semantic_labels_exact
-    monkeypatch.setattr(postprocess, "_semantic_labels_exact", lambda *args: exact.append(args) or original(*args))
+    original = semantic._labels_from_dense_scores
+    monkeypatch.setattr(semantic, "_labels_from_dense_scores", lambda *args: exact.append(args) or original(*args))
     ours = OURS.post_process_semantic_segmentation(UNTRAINED, target_sizes=target_sizes)
     theirs = HF.post_process_semantic_segmentation(_torch(UNTRAINED), target_sizes=target_sizes)
     for mine, hf in zip(ours, theirs):
@@ -103,22 +150,27 @@ def test_instance_matches_transformers(name, threshold, target_sizes):
     options = {"threshold": threshold, "target_sizes": target_sizes}
     ours = OURS.post_process_instance_segmentation(OUTPUTS[name], **options)
     theirs = HF.post_process_instance_segmentation(_torch(OUTPUTS[name]), **options)
-    _assert_same_segments(ours, theirs)
+    masks = OURS.post_process_instance_segmentation(OUTPUTS[name], return_binary_maps=True, **options)
+    _assert_same_instances(ours, theirs, masks)
     if name != "noise":
         assert all(len(result["segments_info"]) >= 3 for result in ours)
 
 
 def test_instance_coco_annotation_and_binary_maps_match_transformers():
+    plain = OURS.post_process_instance_segmentation(SCENE, target_sizes=TARGETS)
     for options in ({"return_coco_annotation": True}, {"return_binary_maps": True}):
         ours = OURS.post_process_instance_segmentation(SCENE, target_sizes=TARGETS, **options)
         theirs = HF.post_process_instance_segmentation(_torch(SCENE), target_sizes=TARGETS, **options)
-        for mine, hf in zip(ours, theirs):
-            _assert_same_info(mine["segments_info"], hf["segments_info"])
-            if "return_coco_annotation" in options:
-                assert mine["segmentation"] == hf["segmentation"] and len(mine["segmentation"]) > 2
-            else:
+        for mine, hf, map_ in zip(ours, theirs, plain):
+            mapping = _matched_ids(mine["segments_info"], hf["segments_info"])
+            if "return_coco_annotation" in options:  # the encoding of our map (compared with HF's above)
+                assert mine["segmentation"] == segmentation_to_rle(map_["segmentation"])
+                assert len(mine["segmentation"]) > 2 and len(hf["segmentation"]) > 2
+            else:  # the same masks, each in our segment order
                 assert mine["segmentation"].dtype == np.float32 and mine["segmentation"].shape[0] > 2
-                np.testing.assert_array_equal(mine["segmentation"], hf["segmentation"].numpy())
+                hf_masks = hf["segmentation"].numpy()
+                for hf_id, our_id in mapping.items():
+                    np.testing.assert_array_equal(mine["segmentation"][our_id], hf_masks[hf_id])
 
 
 def test_instance_rejects_both_encodings():
@@ -201,7 +253,13 @@ def test_pixel_mask_crops_padding_like_upsample_then_crop():
         ours = getattr(OURS, f"post_process_{task}_segmentation")(outputs, target_sizes=targets, pixel_mask=mask)
         for i, reference in enumerate(references):
             hf = getattr(HF, f"post_process_{task}_segmentation")(reference, target_sizes=[tuple(targets[i])])
-            _assert_same_segments(ours[i : i + 1], hf)
+            if task == "panoptic":
+                _assert_same_segments(ours[i : i + 1], hf)
+            else:
+                masks = OURS.post_process_instance_segmentation(
+                    outputs, target_sizes=targets, pixel_mask=mask, return_binary_maps=True
+                )
+                _assert_same_instances(ours[i : i + 1], hf, masks[i : i + 1])
             assert ours[i]["segments_info"]
 
 
@@ -222,7 +280,7 @@ def test_pixel_mask_without_padding_changes_nothing():
     ("logits_size", "region"), [((96, 128), None), ((13, 21), None), ((24, 32), ((70, 101), (96, 128)))]
 )
 def test_window_and_tile_bounds_hold_the_working_grid(logits_size, region):
-    from m2f_deploy.processing.postprocess import _working_grid
+    from m2f_deploy.processing.postprocess.windows import working_grid as _working_grid
 
     rng = np.random.default_rng(9)
     logits = rng.normal(0, 3, (3, *logits_size)).astype(np.float32)
@@ -319,7 +377,11 @@ def test_property_instance_and_panoptic_match_transformers(case, threshold):
         options = {"threshold": threshold, "target_sizes": target_sizes}
         ours = getattr(OURS, f"post_process_{task}_segmentation")(outputs, **options)
         theirs = getattr(HF, f"post_process_{task}_segmentation")(_torch(outputs), **options)
-        _assert_same_segments(ours, theirs)
+        if task == "panoptic":
+            _assert_same_segments(ours, theirs)
+        else:
+            masks = OURS.post_process_instance_segmentation(outputs, return_binary_maps=True, **options)
+            _assert_same_instances(ours, theirs, masks)
         for i, result in enumerate(ours):
             assert result["segmentation"].shape == tuple(target_sizes[i] if target_sizes else WORKING_SIZE)
 

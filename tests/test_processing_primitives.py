@@ -1,4 +1,4 @@
-"""The building blocks of m2f_deploy.processing against torch: resampling, cell certification, top-k order, RLE."""
+"""The building blocks of m2f_deploy.processing against torch: resampling, cell certification, top-k, threads, RLE."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2f_deploy.processing.resize import (
-    CellGrid,
+from m2f_deploy.processing.postprocess.cells import CellGrid, leaders
+from m2f_deploy.processing.postprocess.instance import segment_order, top_pairs
+from m2f_deploy.processing.postprocess.resample import (
     bilinear,
     bilinear_cropped,
     nearest,
@@ -17,8 +18,8 @@ from m2f_deploy.processing.resize import (
     resize_maps,
     sample_maps,
 )
+from m2f_deploy.processing.postprocess.threads import PARALLEL_MIN, Workers
 from m2f_deploy.processing.rle import binary_mask_to_rle, segmentation_to_rle
-from m2f_deploy.processing.topk import topk_order
 
 SIZES = [
     ((96, 128), (384, 384)),  # mask logits -> HF's working grid
@@ -83,7 +84,9 @@ def test_strips_make_up_the_resized_maps():
                 seen.append(part.start)
                 out[:, part] = strip
 
-            resize_in_strips(maps, rows, cols, each, threads)
+            with_threads = Workers(threads)
+            resize_in_strips(maps, rows, cols, each, with_threads)
+            with_threads.close()
             np.testing.assert_array_equal(out, resize_maps(maps, rows, cols))
             assert len(seen) > 1 and len(set(seen)) == len(seen)  # several strips, each once
 
@@ -99,6 +102,91 @@ def test_product_equals_matmul_also_into_columns(s, m, n):
     assert product(left, right, out=wide[:, 4 : 4 + n]).base is wide
     np.testing.assert_allclose(wide[:, 4 : 4 + n], expected, rtol=1e-5)
     assert not wide[:, :4].any() and not wide[:, 4 + n :].any()
+    with Workers(2) as workers:  # below PARALLEL_MIN output values: the same blocks, the same values
+        np.testing.assert_array_equal(product(left, right, workers=workers), product(left, right))
+
+
+def test_large_products_go_to_blas_whole_only_when_threads_are_allowed(monkeypatch):
+    from m2f_deploy.processing.postprocess import resample
+
+    rng = np.random.default_rng(6)
+    left, right = rng.random((64, 10), np.float32), rng.random((10, PARALLEL_MIN // 64), np.float32)
+    blocked = []
+    original = resample._column_blocks
+    monkeypatch.setattr(resample, "_column_blocks", lambda *a: blocked.append(1) or original(*a))
+    one = product(left, right)
+    assert blocked  # one thread: blocks that BLAS keeps on the calling thread
+    blocked.clear()
+    with Workers(2) as workers:
+        whole = product(left, right, workers=workers)
+    assert not blocked  # threads allowed and a large product: one matmul on BLAS' threads
+    np.testing.assert_allclose(whole, one, rtol=1e-5)
+    product(left, right[:, :1000], workers=Workers(2))
+    assert blocked  # a small one stays in blocks
+
+
+def test_workers_split_only_large_steps_and_only_when_given_threads():
+    assert Workers(2).shares(10, PARALLEL_MIN - 1) == [slice(0, 10)]
+    assert Workers(1).shares(10, PARALLEL_MIN) == [slice(0, 10)]
+    assert Workers(2).shares(10, PARALLEL_MIN) == [slice(0, 5), slice(5, 10)]
+    assert Workers(3).shares(2, PARALLEL_MIN) == [slice(0, 1), slice(1, 2)]  # no empty share
+    assert Workers(None).threads == 1  # None: the calling thread only
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive whole number or None"):
+            Workers(bad)
+
+
+def test_workers_run_tasks_on_the_pool_and_close_it():
+    import threading
+
+    seen = set()
+    workers = Workers(2)
+    workers.run([lambda: seen.add(threading.current_thread().name)] * 8)
+    assert seen and all(name.startswith("m2f-postprocess") for name in seen)
+    pool = workers._pool
+    workers.close()
+    assert workers._pool is None and pool._shutdown
+    seen.clear()
+    Workers(1).run([lambda: seen.add(threading.current_thread().name)] * 3)
+    assert seen == {threading.current_thread().name}  # one thread: the caller's
+    with pytest.raises(ZeroDivisionError):  # a task's error reaches the caller
+        Workers(2).run([lambda: None, lambda: 1 / 0])
+
+
+def _run_in_child(workers: Workers) -> None:
+    out = []
+    workers.run([lambda: out.append(1)] * 4)
+    assert out == [1] * 4
+
+
+def test_a_forked_child_starts_its_own_pool():
+    import multiprocessing
+
+    workers = Workers(2)
+    workers.run([lambda: None] * 2)  # the parent's pool is running: its threads do not survive a fork
+    child = multiprocessing.get_context("fork").Process(target=_run_in_child, args=(workers,))
+    child.start()
+    child.join(60)
+    if child.is_alive():  # a pool inherited through a fork may never run its tasks
+        child.kill()
+    assert child.exitcode == 0
+    inherited = workers._pool
+    workers._pid = -1  # what a forked child sees: a pool started by another process
+    workers.run([lambda: None] * 2)
+    assert workers._pool is not inherited  # a new one
+    workers.close()
+
+
+def test_leaders_on_threads_equal_leaders_on_one():
+    rng = np.random.default_rng(11)
+    lower = rng.normal(0, 1, (8, PARALLEL_MIN // 8 + 3)).astype(np.float32)
+    upper = lower + np.float32(0.1)
+    with Workers(2) as workers:
+        for a, b in zip(leaders(lower, upper, -1.0, workers), leaders(lower, upper, -1.0)):
+            np.testing.assert_array_equal(a, b)
+    best, lead, rival = leaders(lower[:, :5], lower[:, :5], -np.inf)
+    np.testing.assert_array_equal(best, lower[:, :5].argmax(axis=0))
+    np.testing.assert_array_equal(rival, np.sort(lower[:, :5], axis=0)[-2])
 
 
 def _dense_argmax(scores: np.ndarray, grid: CellGrid) -> np.ndarray:
@@ -171,7 +259,8 @@ def test_count_at_least_equals_dense_count(dst):
 @pytest.mark.parametrize("dst", [(480, 640), (100, 37)])
 def test_count_reaching_from_window_bounds_equals_dense_count(dst):
     # bounds per logit window (as panoptic segmentation passes them), exact values sampled where they decide
-    from m2f_deploy.processing.postprocess import _sigmoid, _working_grid
+    from m2f_deploy.processing.postprocess.common import sigmoid as _sigmoid
+    from m2f_deploy.processing.postprocess.windows import working_grid as _working_grid
 
     rng = np.random.default_rng(7)
     logits = resize_maps(rng.normal(0, 6, (3, 6, 8)).astype(np.float32), bilinear(6, 48), bilinear(8, 64))
@@ -222,13 +311,25 @@ def test_certified_argmax_from_decided_cells_equals_dense_argmax(exact):
 
 @pytest.mark.parametrize(("queries", "classes"), [(100, 133), (100, 20), (30, 8), (5, 1), (1, 64)])
 @pytest.mark.parametrize("ties", [False, True])
-def test_topk_order_equals_torch_unsorted_topk(queries, classes, ties):
+def test_top_pairs_are_torch_topk_as_a_set_largest_first_ties_by_index(queries, classes, ties):
     rng = np.random.default_rng(queries * classes)
     values = rng.random(queries * classes).astype(np.float32)
     if ties:
         values = np.round(values * 4) / 4
-    expected = torch.topk(torch.from_numpy(values), queries, sorted=False).indices.numpy()
-    np.testing.assert_array_equal(topk_order(values, queries), expected)
+    ours = top_pairs(values.reshape(queries, classes), queries)
+    expected = torch.topk(torch.from_numpy(values), queries, sorted=False)
+    # the same values (a tie at the k-th value may pick other indices of that value, as torch's own order does)
+    np.testing.assert_array_equal(np.sort(values[ours]), np.sort(expected.values.numpy()))
+    if not ties:
+        assert set(ours.tolist()) == set(expected.indices.tolist())
+    order = np.lexsort((np.arange(values.size), -values))[:queries]  # largest first, ties by index
+    np.testing.assert_array_equal(ours, order)
+
+
+def test_segment_order_is_score_descending_ties_by_pair():
+    scores = np.array([0.5, 0.9, 0.5, 0.7], np.float32)
+    pairs = np.array([7, 3, 2, 9])
+    np.testing.assert_array_equal(segment_order(scores, pairs), [1, 3, 2, 0])
 
 
 def test_rle_matches_transformers():

@@ -227,3 +227,24 @@ def test_runtime_never_imports_torch(static_onnx):
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_threads_and_postprocess_reach_the_processor(static_onnx, monkeypatch):
+    from m2f_deploy.processing.postprocess import reference as reference_path
+
+    called = []
+    original = reference_path.semantic_segmentation
+    monkeypatch.setattr(reference_path, "semantic_segmentation", lambda *a: called.append(1) or original(*a))
+    with Segmenter(static_onnx, threads=2, postprocess="reference") as seg:
+        assert (seg.processor.postprocess, seg.processor.workers.threads) == ("reference", 2)
+        exact = seg.predict(images()[0], "semantic")[0]
+        assert called
+        seg.processor.workers.run([lambda: None, lambda: None])  # start the pool, to see it closed
+        assert seg.processor.workers._pool is not None
+    assert seg.processor.workers._pool is None  # closed with the segmenter
+    fast = Segmenter(static_onnx)
+    assert (fast.processor.postprocess, fast.processor.workers.threads) == ("fast", 1)  # the defaults
+    assert np.mean(fast.predict(images()[0], "semantic")[0] == exact) >= 0.999
+    for bad, message in [({"threads": 0}, "threads must be a"), ({"postprocess": "exakt"}, "unknown postprocess")]:
+        with pytest.raises(InputError, match=message):
+            Segmenter(static_onnx, **bad)

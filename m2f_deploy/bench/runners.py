@@ -209,17 +209,17 @@ def _torch_runner(row: Row, target: Target, threads: int | None, task: str) -> t
         return _transformers_end_to_end(model, target, image, task, stages), stages
     from m2f_deploy.modeling import numpy_logits
     from m2f_deploy.processing import ImageProcessor
-    from m2f_deploy.runtime.segmenter import _timed
+    from m2f_deploy.runtime.segmenter import timed
 
     processor = ImageProcessor(canvas=(target.height, target.width))
     post = getattr(processor, f"post_process_{task}_segmentation")
 
     def ours() -> Any:
-        with _timed(stages, "preprocess"):
+        with timed(stages, "preprocess"):
             inputs = processor.preprocess(image)
-        with _timed(stages, "inference"), torch.inference_mode():
+        with timed(stages, "inference"), torch.inference_mode():
             out = model(torch.from_numpy(inputs[INPUT_NAME]))
-        with _timed(stages, "postprocess"):
+        with timed(stages, "postprocess"):
             return post(numpy_logits(out), target_sizes=inputs["original_sizes"], pixel_mask=inputs["pixel_mask"])
 
     return ours, stages
@@ -240,18 +240,18 @@ def _transformers_end_to_end(model: Any, target: Target, image: Any, task: str, 
     import torch
     import transformers
 
-    from m2f_deploy.runtime.segmenter import _timed
+    from m2f_deploy.runtime.segmenter import timed
 
     processor = transformers.Mask2FormerImageProcessor(size={"height": target.height, "width": target.width})
     post = getattr(processor, f"post_process_{task}_segmentation")
     sizes = [image.size[::-1]]
 
     def theirs() -> Any:
-        with _timed(stages, "preprocess"):
+        with timed(stages, "preprocess"):
             inputs = processor(images=image, return_tensors="pt")
-        with _timed(stages, "inference"), torch.inference_mode():
+        with timed(stages, "inference"), torch.inference_mode():
             out = model(pixel_values=inputs[INPUT_NAME])
-        with _timed(stages, "postprocess"):
+        with timed(stages, "postprocess"):
             return post(out, target_sizes=sizes)
 
     return theirs

@@ -50,7 +50,17 @@ def build_parser() -> Parser:
         help="panoptic: comma-separated label ids whose segments merge into one per image (stuff)",
     )
     p.add_argument("--batch", type=int, default=None, help="images per run (default: the artifact's batch)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (default: onnxruntime's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for onnxruntime and post-processing (default: onnxruntime's; post-processing 1)",
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="post-process with the literal port of transformers' code (slow) instead of the fast path",
+    )
     p.add_argument("--no-overlay", action="store_true", help="skip the overlay PNGs")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return p  # fmt: skip
@@ -163,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     from m2f_deploy.runtime import Segmenter
     from m2f_deploy.runtime.images import load_image
 
-    segmenter = Segmenter(args.artifact, args.backend, threads=args.threads, batch_size=args.batch)
+    postprocess = "reference" if args.exact else "fast"
+    segmenter = Segmenter(
+        args.artifact, args.backend, threads=args.threads, batch_size=args.batch, postprocess=postprocess
+    )
     log.info("%s: %s; %d image(s) -> %s", args.artifact.name, segmenter.description, len(images), args.out)
     fuse = _fuse_ids(args.fuse, segmenter.id2label)
     thresholds = {"threshold": args.threshold, "mask_threshold": args.mask_threshold,

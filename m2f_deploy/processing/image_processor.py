@@ -12,6 +12,9 @@ Typical use, the way a runtime with a static-shape engine uses it::
 Passing ``pixel_mask`` makes the post-processes crop each image's padding before resizing, so results line up
 with the original image (HF resizes the padded logits as they are). Without ``canvas`` and ``pixel_mask``,
 every method matches transformers (see ``postprocess`` and ``images`` for the details and the few extensions).
+Post-processing runs the fast path unless ``postprocess="reference"`` (a literal port of HF's, slow, the fast
+path's oracle); ``threads`` > 1 lets large steps of the fast path use a pool the processor owns (``close()`` it,
+or use the processor as a context manager).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ import numpy as np
 from m2f_deploy.errors import ConfigError, InputError
 from m2f_deploy.processing import images as img
 from m2f_deploy.processing import postprocess, settings
-from m2f_deploy.utils import atomic_write_text
+from m2f_deploy.processing.postprocess import Workers, reference
+from m2f_deploy.utils import atomic_write_text, did_you_mean
 
 CONFIG_NAME = "preprocessor_config.json"
 
 _Size = tuple[int, int]
 _IdMap = Mapping[int, int]
+
+POSTPROCESS = ("fast", "reference")
+"""The post-processing paths: ``fast`` (default) and ``reference`` (HF's, ported literally; see ``postprocess``)."""
+RUNTIME_OPTIONS = ("postprocess", "threads")
+"""Options that choose how this process runs, not what the checkpoint is: never written by ``to_dict`` or
+``save_pretrained``, and ignored when a ``preprocessor_config.json`` holds them (pass them as arguments)."""
 
 
 class ImageProcessor:
@@ -44,9 +54,26 @@ class ImageProcessor:
     ``ignore_index``, ``do_reduce_labels``, ``num_labels``, ``pad_size``; legacy ``max_size``,
     ``size_divisibility``, ``reduce_labels``) and optionally ``canvas=(H, W)``. Unknown keys are kept and
     written back. The options are readable as attributes (``processor.size``) and in ``processor.settings``.
+
+    ``postprocess``: ``"fast"`` (default) or ``"reference"`` (see :data:`POSTPROCESS`). ``threads``: threads the
+    fast post-processes may use, a positive whole number or None (= 1, the calling thread only: safe with one
+    worker process per core); see ``postprocess.threads`` for when they are used. Neither is a transformers key:
+    they are not saved (:data:`RUNTIME_OPTIONS`). A processor with ``threads > 1`` owns a thread pool: call
+    :meth:`close` or use it as a context manager.
     """
 
-    def __init__(self, **options: Any):
+    def __init__(self, *, postprocess: str = "fast", threads: int | None = None, **options: Any):
+        if postprocess not in POSTPROCESS:
+            hint = did_you_mean(str(postprocess), POSTPROCESS)
+            raise ConfigError(
+                f"postprocess={postprocess!r} is not a post-processing path{hint}; "
+                f"choose one of {', '.join(POSTPROCESS)}"
+            )
+        try:
+            self.workers = Workers(threads)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.postprocess = postprocess
         self.settings = settings.parse(options, error=ConfigError, strict=False)
 
     def __getattr__(self, name: str) -> Any:
@@ -55,13 +82,25 @@ class ImageProcessor:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+        runtime = f", postprocess={self.postprocess!r}, threads={self.workers.threads}"
+        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)}{runtime})"
+
+    def __enter__(self) -> ImageProcessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the post-processing threads, if any were started (a later call starts them again)."""
+        self.workers.close()
 
     # -- configuration -----------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> ImageProcessor:
-        """Load ``preprocessor_config.json`` from a checkpoint folder (or that file's path); ``overrides`` win."""
+        """Load ``preprocessor_config.json`` from a checkpoint folder (or that file's path); ``overrides`` win (and
+        may hold ``postprocess`` and ``threads``, which a file cannot set: :data:`RUNTIME_OPTIONS`)."""
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         try:
@@ -72,6 +111,7 @@ class ImageProcessor:
             raise ConfigError(f"cannot read {file}: {err}") from None
         if not isinstance(options, dict):
             raise ConfigError(f"{file} must hold a JSON object, got {type(options).__name__}")
+        options = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS}
         return cls(**{**options, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,7 +311,7 @@ class ImageProcessor:
         :meth:`preprocess`, ours): crop each image's padding first. With ``return_segmentation_scores``: per image
         ``{"segmentation", "segmentation_scores" [C, H, W]}``.
         """
-        return postprocess.semantic_segmentation(outputs, target_sizes, return_segmentation_scores, pixel_mask)
+        return self._post("semantic_segmentation", outputs, target_sizes, return_segmentation_scores, pixel_mask)
 
     def post_process_instance_segmentation(
         self,
@@ -289,11 +329,13 @@ class ImageProcessor:
         ``segmentation``: ``[H, W]`` float32 segment ids (-1: none), HF's RLE lists with
         ``return_coco_annotation``, or ``[N, H, W]`` float32 masks with ``return_binary_maps``. ``mask_threshold``
         and ``overlap_mask_area_threshold`` are unused, as in HF. ``pixel_mask``: see the semantic method.
+        Segments come by score descending (ties: by query, then class), and the highest score wins pixels where
+        masks overlap (HF's order depends on how torch was built; the segments and scores are HF's).
         """
-        return postprocess.instance_segmentation(
-            outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes, return_coco_annotation,
-            return_binary_maps, pixel_mask,
-        )
+        return self._post(
+            "instance_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes,
+            return_coco_annotation, return_binary_maps, pixel_mask,
+        )  # fmt: skip
 
     def post_process_panoptic_segmentation(
         self,
@@ -310,10 +352,16 @@ class ImageProcessor:
         ``segmentation``: ``[H, W]`` int32 segment ids (0: none; float32 -1 everywhere when nothing passes
         ``threshold``, as in HF). ``pixel_mask``: see the semantic method.
         """
-        return postprocess.panoptic_segmentation(
-            outputs, threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse, target_sizes,
-            pixel_mask,
-        )
+        return self._post(
+            "panoptic_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold,
+            label_ids_to_fuse, target_sizes, pixel_mask,
+        )  # fmt: skip
+
+    def _post(self, task: str, *args: Any) -> Any:
+        """Run post-process ``task`` (e.g. ``"semantic_segmentation"``) on the chosen path."""
+        if self.postprocess == "reference":
+            return getattr(reference, task)(*args)
+        return getattr(postprocess, task)(*args, self.workers)
 
 
 def _check_return_tensors(return_tensors: str | None) -> None:

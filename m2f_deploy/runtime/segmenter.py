@@ -25,6 +25,7 @@ from m2f_deploy.artifact import (
 )
 from m2f_deploy.errors import InputError
 from m2f_deploy.processing import ImageProcessor
+from m2f_deploy.processing.image_processor import POSTPROCESS
 from m2f_deploy.processing.images import flat_list
 from m2f_deploy.runtime import onnxrt
 from m2f_deploy.runtime.images import load_image
@@ -56,8 +57,10 @@ class Segmenter:
     ``backend``: ``auto`` (the fastest present: native TensorRT for engines; for ONNX onnxruntime's TensorRT, CUDA,
     then CPU provider; the one picked is in :attr:`backend` and logged) or one of :data:`BACKENDS`; a backend that
     is asked for and cannot start raises :class:`~m2f_deploy.errors.BackendError`. ``threads``: onnxruntime's
-    intra-op threads (default: its own). ``batch_size``: images per run in :meth:`predict` (default: the
-    artifact's export batch; a static-batch artifact always runs its own batch, the last one padded).
+    intra-op threads (default: its own) and the post-processing's (default: 1, the calling thread).
+    ``postprocess``: ``"fast"`` (default) or ``"reference"`` (HF's post-processing ported literally: slow, exact).
+    ``batch_size``: images per run in :meth:`predict` (default: the artifact's export batch; a static-batch
+    artifact always runs its own batch, the last one padded). :meth:`close` (or ``with``) ends both.
     """
 
     def __init__(
@@ -68,8 +71,16 @@ class Segmenter:
         threads: int | None = None,
         device_id: int = 0,
         batch_size: int | None = None,
+        postprocess: str = "fast",
     ):
         path = Path(artifact)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive whole number or None, got {threads!r}")
+        if postprocess not in POSTPROCESS:
+            raise InputError(
+                f"unknown postprocess {postprocess!r}{did_you_mean(str(postprocess), POSTPROCESS)}; "
+                f"choose one of {', '.join(POSTPROCESS)}"
+            )
         if backend not in BACKENDS:
             raise InputError(
                 f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose one of {', '.join(BACKENDS)}"
@@ -102,7 +113,9 @@ class Segmenter:
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
         self._hw_multiple = inp.get("hw_multiple", 32)
         canvas = None if self.dynamic_hw else self.input_size
-        self.processor = ImageProcessor(**{**self.metadata["preprocessing"], "canvas": canvas})
+        self.processor = ImageProcessor(
+            **{**self.metadata["preprocessing"], "canvas": canvas}, postprocess=postprocess, threads=threads
+        )
         default = batch_size or max(inp["batch"], self._batch_range[0])
         low, high = self._batch_range
         if not low <= default <= high and low != high:
@@ -123,6 +136,7 @@ class Segmenter:
 
     def close(self) -> None:
         self._runner.close()
+        self.processor.close()
 
     # -- raw outputs -----------------------------------------------------------------------------------------------
 
@@ -158,13 +172,13 @@ class Segmenter:
         results: list[Any] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            with _timed(clock, "preprocess"):
+            with timed(clock, "preprocess"):
                 inputs = self.processor.preprocess(chunk)
                 pixel_values, pixel_mask = self._fit_batch(inputs["pixel_values"], inputs["pixel_mask"])
-            with _timed(clock, "inference"):
+            with timed(clock, "inference"):
                 outputs = self.infer(pixel_values)
             outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
-            with _timed(clock, "postprocess"):
+            with timed(clock, "postprocess"):
                 common = dict(
                     target_sizes=inputs["original_sizes"],
                     pixel_mask=pixel_mask[: len(chunk)],
@@ -201,7 +215,8 @@ class Segmenter:
 
 
 @contextmanager
-def _timed(clock: dict[str, float], key: str) -> Iterator[None]:
+def timed(clock: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the ``with`` block takes to ``clock[key]`` (also m2f-bench's stage timer)."""
     start = time.perf_counter()
     try:
         yield
