@@ -277,7 +277,7 @@ def export(check: Check, precision: str) -> Path:
         return export_onnx(model, path, height=h, width=w, fp16=precision == "fp16")
     from PIL import Image
 
-    from m2f_deploy.data.synthetic import generate_sample
+    from m2f_deploy.data import generate_sample
     from m2f_deploy.export.int8 import quantize_int8
 
     calib = check.out / "calib"

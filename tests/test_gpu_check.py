@@ -54,3 +54,23 @@ def test_a_spent_budget_leaves_rows_for_the_next_run(tmp_path):
     assert recorded["environment"]["status"] == "ok"  # what the machine is: always recorded
     for key in ("parity: ours vs transformers fp32", "onnxruntime cpu fp32", "latency"):
         assert recorded[key]["status"] == "skipped" and "time budget (0 s) spent: re-run" in recorded[key]["reason"]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPT.parent.glob("*.py")), ids=lambda p: p.name)
+def test_every_project_import_in_the_benchmarks_resolves(script):
+    """Imports inside functions run only on the paths that need them (e.g. the INT8 export on a GPU machine): a moved
+    module must still be caught here, on CPU."""
+    import ast
+    import importlib
+
+    for node in ast.walk(ast.parse(script.read_text(), str(script))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("m2f_deploy"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), (
+                    f"{script.name}:{node.lineno}: {node.module} has no {alias.name}"
+                )
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("m2f_deploy"):
+                    importlib.import_module(alias.name)
