@@ -125,6 +125,18 @@ def test_large_products_go_to_blas_whole_only_when_threads_are_allowed(monkeypat
     assert blocked  # a small one stays in blocks
 
 
+def test_cropped_resampling_multiplies_in_blocks_on_the_calling_thread(monkeypatch):
+    from m2f_deploy.processing.postprocess import resample
+
+    blocked = []
+    original = resample._column_blocks
+    monkeypatch.setattr(resample, "_column_blocks", lambda *a: blocked.append(a[0].shape) or original(*a))
+    # [384, 480] @ [480, 160]: ~30M multiply-adds, which a plain ``@`` would hand to BLAS' threads
+    taps = bilinear_cropped.__wrapped__(160, 640, 480, 384)  # uncached: the product runs here
+    assert blocked
+    np.testing.assert_allclose(taps.matrix, bilinear(480, 384).matrix @ bilinear(160, 640).matrix[:480], atol=1e-6)
+
+
 def test_workers_split_only_large_steps_and_only_when_given_threads():
     assert Workers(2).shares(10, PARALLEL_MIN - 1) == [slice(0, 10)]
     assert Workers(1).shares(10, PARALLEL_MIN) == [slice(0, 10)]

@@ -57,7 +57,8 @@ class Segmenter:
     ``backend``: ``auto`` (the fastest present: native TensorRT for engines; for ONNX onnxruntime's TensorRT, CUDA,
     then CPU provider; the one picked is in :attr:`backend` and logged) or one of :data:`BACKENDS`; a backend that
     is asked for and cannot start raises :class:`~m2f_deploy.errors.BackendError`. ``threads``: onnxruntime's
-    intra-op threads (default: its own) and the post-processing's (default: 1, the calling thread).
+    intra-op threads (default: its own) and the fast post-processing's (default: 1, the calling thread; the
+    ``"reference"`` path ignores it).
     ``postprocess``: ``"fast"`` (default) or ``"reference"`` (HF's post-processing ported literally: slow, exact).
     ``batch_size``: images per run in :meth:`predict` (default: the artifact's export batch; a static-batch
     artifact always runs its own batch, the last one padded). :meth:`close` (or ``with``) ends both.

@@ -89,7 +89,8 @@ def bilinear_cropped(n_in: int, n_padded: int, n_valid: int, n_out: int) -> Resa
     if n_valid == n_padded:
         return bilinear(n_in, n_out)
     upsampled = bilinear(n_in, n_padded).matrix[:n_valid]
-    return Resample1D.from_matrix(bilinear(n_valid, n_out).matrix @ upsampled)
+    # e.g. [384, 480] @ [480, 160]: large enough that a plain ``@`` would wake BLAS' threads (see .threads)
+    return Resample1D.from_matrix(product(bilinear(n_valid, n_out).matrix, upsampled))
 
 
 @lru_cache(maxsize=64)

@@ -8,8 +8,9 @@ threads of its own: products are handed to it in blocks small enough that OpenBL
 thread. Waking BLAS' pool is worse than it looks: its workers busy-wait after each product, and on a small
 machine the numpy code that follows runs about half as fast.
 
-So with ``threads=1`` (the default) post-processing uses exactly the thread that calls it: safe for a server that
-runs one worker process per core. A pool is started on first use, lives as long as its processor
+So with ``threads=1`` (the default) the fast post-processing uses exactly the thread that calls it: safe for a
+server that runs one worker process per core (the reference path, :mod:`.reference`, ignores threads: its products
+are numpy's, on BLAS' threads when large). A pool is started on first use, lives as long as its processor
 (:meth:`Workers.close`), and is started again in a forked child (threads do not survive a fork).
 """
 
