@@ -165,6 +165,47 @@ def test_workers_run_tasks_on_the_pool_and_close_it():
         Workers(2).run([lambda: None, lambda: 1 / 0])
 
 
+def test_a_failing_task_is_raised_only_after_every_task_ended():
+    import time
+
+    ended = []
+
+    def slow():
+        time.sleep(0.3)
+        ended.append(1)  # e.g. still writing into a shared array
+
+    with Workers(2) as workers:
+        with pytest.raises(ZeroDivisionError):
+            workers.run([lambda: 1 / 0, slow])
+        assert ended  # the caller sees the error once nothing writes any more (before close() waits for it)
+
+
+def test_threads_first_using_one_processor_start_one_pool(monkeypatch):
+    import threading
+    import time
+
+    from m2f_deploy.processing.postprocess import threads
+
+    started = []
+
+    class SlowToStart(threads.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.2)  # widens the window in which a second caller could start its own pool
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", SlowToStart)
+    workers = Workers(2)
+    callers = [threading.Thread(target=workers.run, args=([lambda: None] * 2,)) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    for pool in started:
+        pool.shutdown()
+    assert len(started) == 1  # none leaked
+
+
 def _run_in_child(workers: Workers) -> None:
     out = []
     workers.run([lambda: out.append(1)] * 4)

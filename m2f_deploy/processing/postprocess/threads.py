@@ -17,8 +17,9 @@ are numpy's, on BLAS' threads when large). A pool is started on first use, lives
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 PARALLEL_MIN = 1 << 22
 """Values (float32: 16 MiB) a step must handle before it is split across threads. It is the size at which the
@@ -36,6 +37,7 @@ class Workers:
         self.threads = 1 if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
         self._pid = 0
+        self._lock = threading.Lock()  # two threads first using one processor must not each start a pool
 
     def __repr__(self) -> str:
         return f"Workers(threads={self.threads})"
@@ -48,6 +50,10 @@ class Workers:
 
     def __getstate__(self) -> dict:  # a pool is not copied or pickled: the copy starts its own on first use
         return {"threads": self.threads, "_pool": None, "_pid": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def shares(self, n: int, values: int) -> list[slice]:
         """``range(n)`` cut into one contiguous share per thread when ``values`` (the step's size) reaches
@@ -65,7 +71,9 @@ class Workers:
                 task()
             return
         pool = self._started()
-        for done in [pool.submit(task) for task in tasks]:
+        futures = [pool.submit(task) for task in tasks]
+        wait(futures)  # all of them: a task still running could write into arrays after the caller saw the error
+        for done in futures:
             done.result()
 
     def close(self) -> None:
@@ -75,10 +83,11 @@ class Workers:
             pool.shutdown(wait=True)
 
     def _started(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pid != os.getpid():  # none yet, or inherited through a fork: threadless
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="m2f-postprocess")
-            self._pid = os.getpid()
-        return self._pool
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():  # none yet, or inherited through a fork: threadless
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="m2f-postprocess")
+                self._pid = os.getpid()
+            return self._pool
 
 
 SERIAL = Workers(1)
