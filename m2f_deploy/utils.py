@@ -19,7 +19,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is flushed to disk and renamed onto ``path``.
 
     An exception (or an interrupt) removes the temporary file, so nothing that looks finished is ever left behind.
-    The file is fsynced before the rename and its folder after it, so that a crash (power loss) leaves the old file
+    The file is fsynced before the rename and its folder after it (where the filesystem can), so that a crash leaves the old file
     or the whole new one, never a renamed empty one. The result gets the mode a new file gets here (0o666 less the
     umask), not mkstemp's private 0o600.
     """
@@ -29,10 +29,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync(tmp_path)  # before the chmod: a strict umask (e.g. 0o477) could leave a mode it cannot be read with
         os.chmod(tmp_path, _new_file_mode(path.parent))
-        _fsync(tmp_path)
         os.replace(tmp_path, path)
-        _fsync(path.parent)
+        try:
+            _fsync(path.parent)
+        except OSError:  # published already: some filesystems cannot fsync a folder (EINVAL) or open it (EACCES)
+            pass
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

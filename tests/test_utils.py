@@ -47,7 +47,7 @@ def test_the_umask_is_read_without_setting_it(tmp_path, monkeypatch):
 
 def test_the_file_is_flushed_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     events = []
-    fsync, replace = os.fsync, os.replace
+    fsync, replace, chmod = os.fsync, os.replace, os.chmod
 
     def record_fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -57,11 +57,17 @@ def test_the_file_is_flushed_before_the_rename_and_the_folder_after(tmp_path, mo
         events.append(("replace", str(src)))
         replace(src, dst)
 
+    def record_chmod(path, mode):
+        events.append(("chmod", str(path)))
+        chmod(path, mode)
+
     monkeypatch.setattr(os, "fsync", record_fsync)
     monkeypatch.setattr(os, "replace", record_replace)
+    monkeypatch.setattr(os, "chmod", record_chmod)
     with atomic_output(tmp_path / "out.bin") as tmp:
         tmp.write_bytes(b"data")
-    assert events == [("fsync", str(tmp)), ("replace", str(tmp)), ("fsync", str(tmp_path))]
+    # flushed while mkstemp's 0o600 still lets it be opened (a strict umask's mode may not)
+    assert events == [("fsync", str(tmp)), ("chmod", str(tmp)), ("replace", str(tmp)), ("fsync", str(tmp_path))]
     assert (tmp_path / "out.bin").read_bytes() == b"data"
 
 
@@ -72,4 +78,18 @@ def test_a_failure_leaves_the_old_file_and_nothing_else(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("error", [OSError(22, "Invalid argument"), PermissionError(13, "Permission denied")])
+def test_a_folder_that_cannot_be_flushed_does_not_fail_a_published_file(tmp_path, monkeypatch, error):
+    fsync = os.fsync
+
+    def no_folder_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise error
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_fsync)
+    assert atomic_write_text(tmp_path / "out.txt", "new").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
