@@ -156,3 +156,16 @@ def test_exact_and_threads_reach_the_post_processing(artifact, folder, tmp_path,
     assert called and made[-1]["postprocess"] == "reference" and made[-1]["threads"] == 2
     fast, exact_png = (np.asarray(Image.open(tmp_path / d / "panoptic" / "scene.png")) for d in ("fast", "exact"))
     assert np.array_equal(fast, exact_png)
+
+
+def test_the_segmenter_is_closed_also_when_images_fail(artifact, folder, tmp_path, monkeypatch):
+    from m2f_deploy.runtime import segmenter
+
+    closed = []
+    original = segmenter.Segmenter.close
+    monkeypatch.setattr(segmenter.Segmenter, "close", lambda self: closed.append(1) or original(self))
+    assert main([str(artifact), str(folder / "scene.png"), "--out", str(tmp_path / "a"), "-q", "--no-overlay"]) == 0
+    assert closed == [1]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main([str(artifact), str(tmp_path / "broken.png"), "--out", str(tmp_path / "b"), "-q"]) == 1
+    assert closed == [1, 1]

@@ -174,49 +174,49 @@ def main(argv: list[str] | None = None) -> int:
     from m2f_deploy.runtime.images import load_image
 
     postprocess = "reference" if args.exact else "fast"
-    segmenter = Segmenter(
+    with Segmenter(
         args.artifact, args.backend, threads=args.threads, batch_size=args.batch, postprocess=postprocess
-    )
-    log.info("%s: %s; %d image(s) -> %s", args.artifact.name, segmenter.description, len(images), args.out)
-    fuse = _fuse_ids(args.fuse, segmenter.id2label)
-    thresholds = {"threshold": args.threshold, "mask_threshold": args.mask_threshold,
-                  "overlap_mask_area_threshold": args.overlap_threshold}  # fmt: skip
-    if args.task == "panoptic":
-        thresholds["label_ids_to_fuse"] = fuse
-    elif args.task == "instance":
-        thresholds["return_binary_maps"] = True
-    args.out.mkdir(parents=True, exist_ok=True)
-    writer = Writer(args.out, args.task, segmenter.id2label, fuse, not args.no_overlay)
-    failed: list[str] = []
-    timings: dict[str, float] = {}
-    progress = Progress(len(images), "images", quiet=args.quiet)
-    batch = segmenter.batch_size
-    for start in range(0, len(images), batch):
-        loaded = []
-        for path in images[start : start + batch]:
-            try:
-                loaded.append((path, load_image(path)))
-            except M2FError as e:
-                failed.append(str(e))
-                progress.step(path.name)
-                log.error("skipped: %s", e)
-        for (path, image), result in _predict(segmenter, loaded, args.task, thresholds, timings, failed):
-            writer.add(path, image, result)
-        progress.step(count=len(loaded))
-    progress.close()
-    for path in writer.finish(str(args.artifact)):
-        log.info("wrote %s", path)
-    done = len(images) - len(failed)
-    total = sum(timings.values())
-    if done:
-        parts = ", ".join(f"{k} {1000 * v / done:.1f}" for k, v in timings.items())
-        log.info("%d image(s) in %.2f s: per image (ms) %s", done, total, parts)
-    if failed:
-        print(f"m2f-predict: {len(failed)} of {len(images)} image(s) failed:", file=sys.stderr)
-        for line in failed:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
+    ) as segmenter:  # closed on every way out: onnxruntime session, post-processing threads
+        log.info("%s: %s; %d image(s) -> %s", args.artifact.name, segmenter.description, len(images), args.out)
+        fuse = _fuse_ids(args.fuse, segmenter.id2label)
+        thresholds = {"threshold": args.threshold, "mask_threshold": args.mask_threshold,
+                      "overlap_mask_area_threshold": args.overlap_threshold}  # fmt: skip
+        if args.task == "panoptic":
+            thresholds["label_ids_to_fuse"] = fuse
+        elif args.task == "instance":
+            thresholds["return_binary_maps"] = True
+        args.out.mkdir(parents=True, exist_ok=True)
+        writer = Writer(args.out, args.task, segmenter.id2label, fuse, not args.no_overlay)
+        failed: list[str] = []
+        timings: dict[str, float] = {}
+        progress = Progress(len(images), "images", quiet=args.quiet)
+        batch = segmenter.batch_size
+        for start in range(0, len(images), batch):
+            loaded = []
+            for path in images[start : start + batch]:
+                try:
+                    loaded.append((path, load_image(path)))
+                except M2FError as e:
+                    failed.append(str(e))
+                    progress.step(path.name)
+                    log.error("skipped: %s", e)
+            for (path, image), result in _predict(segmenter, loaded, args.task, thresholds, timings, failed):
+                writer.add(path, image, result)
+            progress.step(count=len(loaded))
+        progress.close()
+        for path in writer.finish(str(args.artifact)):
+            log.info("wrote %s", path)
+        done = len(images) - len(failed)
+        total = sum(timings.values())
+        if done:
+            parts = ", ".join(f"{k} {1000 * v / done:.1f}" for k, v in timings.items())
+            log.info("%d image(s) in %.2f s: per image (ms) %s", done, total, parts)
+        if failed:
+            print(f"m2f-predict: {len(failed)} of {len(images)} image(s) failed:", file=sys.stderr)
+            for line in failed:
+                print(f"  {line}", file=sys.stderr)
+            return 1
+        return 0
 
 
 def entry() -> None:
