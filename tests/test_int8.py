@@ -111,3 +111,21 @@ def test_int8_targets_quantize_activations_their_way(setup, tmp_path):
         quantize_int8(fp32, tmp_path / "q.onnx", images, target="gpu")
     with pytest.raises(InputError, match="--int8-target is for --int8 --calib"):
         export_main([str(fp32), "--int8-target", "cpu"])
+
+
+def test_the_agreement_check_closes_both_sessions_also_on_failure(tmp_path, monkeypatch):
+    import numpy as np
+
+    from m2f_deploy.export.int8 import graphs_semantic_agreement
+    from m2f_deploy.runtime import onnxrt
+
+    fp32 = export_onnx(decisive_model(), tmp_path / "fp32.onnx", height=64, width=64)
+    closed = []
+    close = onnxrt.OnnxRuntimeRunner.close
+    monkeypatch.setattr(onnxrt.OnnxRuntimeRunner, "close", lambda self: closed.append(1) or close(self))
+    x = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    assert graphs_semantic_agreement(fp32, fp32, [x]) == 1.0
+    assert len(closed) == 2
+    with pytest.raises(InputError):  # a batch the graph cannot take: both sessions are closed all the same
+        graphs_semantic_agreement(fp32, fp32, [x[:, :, :32]])
+    assert len(closed) == 4

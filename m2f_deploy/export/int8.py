@@ -30,6 +30,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,10 @@ def graphs_semantic_agreement(reference: Path, candidate: Path, batches: Sequenc
     from m2f_deploy.processing import ImageProcessor
     from m2f_deploy.runtime.onnxrt import OnnxRuntimeRunner
 
-    runners = [OnnxRuntimeRunner(p, read_onnx_metadata(p), "cpu") for p in (reference, candidate)]
-    processor = ImageProcessor()
-    maps = [[m for x in batches for m in processor.post_process_semantic_segmentation(r.infer(x))] for r in runners]
+    with ExitStack() as stack:  # both sessions closed, also when one fails to start or to run
+        runners = [
+            stack.enter_context(OnnxRuntimeRunner(p, read_onnx_metadata(p), "cpu")) for p in (reference, candidate)
+        ]
+        processor = ImageProcessor()
+        maps = [[m for x in batches for m in processor.post_process_semantic_segmentation(r.infer(x))] for r in runners]
     return semantic_agreement(*maps)
