@@ -107,3 +107,26 @@ def test_bench_int8_rows_and_several_tasks(checkpoint, tmp_path):
         main([str(checkpoint), "--calib", str(tmp_path)])
     with pytest.raises(InputError, match="rounds from 1 to runs"):
         main([str(checkpoint), "--runs", "2", "--rounds", "3"])
+
+
+def test_threads_reach_every_post_processing_and_each_row_closes_what_it_opened(checkpoint, tmp_path, monkeypatch):
+    from m2f_deploy.processing import ImageProcessor
+    from m2f_deploy.runtime import segmenter
+
+    used, closed = [], []
+    post, close = ImageProcessor.post_process_panoptic_segmentation, segmenter.Segmenter.close
+    monkeypatch.setattr(
+        ImageProcessor, "post_process_panoptic_segmentation", lambda self, *a, **k: used.append(self) or post(self, *a, **k)
+    )  # fmt: skip
+    monkeypatch.setattr(segmenter.Segmenter, "close", lambda self: closed.append(self) or close(self))
+    args = [str(checkpoint), "--size", "64", "96", "--runs", "1", "--warmup", "0", "--threads", "2", "--backends",
+            "torch,cpu", "--end-to-end", "--json", str(tmp_path / "r.json"), "-q"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    ran = {(r["backend"], r["mode"]) for r in rows if r["status"] == "ok"}
+    assert {("torch", "end-to-end"), ("cpu", "end-to-end")} <= ran
+    # torch's "ours" row and each Segmenter's processor post-process on the same threads
+    rows_used = [p for p in used if p.canvas is not None]  # not the export's validation (no canvas, one thread)
+    assert len({id(p) for p in rows_used}) >= 2 and all(p.workers.threads == 2 for p in rows_used)
+    segmenters = sum(r["backend"] == "cpu" and r["status"] == "ok" for r in rows)
+    assert len(closed) == segmenters  # one Segmenter per row, each closed after it

@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,9 @@ def benchmark(
 ) -> dict[str, Any]:
     """Run the rows and return the report: ``{"machine", "settings", "matmul_gflops", "gflop", "rows", ...}``.
 
-    ``threads`` reaches torch (``set_num_threads``) and onnxruntime (intra-op threads), not numpy's BLAS: its thread
-    count is read when numpy loads it, before any call here (setting ``OMP_NUM_THREADS`` now would do nothing).
+    ``threads`` reaches torch (``set_num_threads``), onnxruntime (intra-op threads) and our post-processing
+    (``ImageProcessor(threads=...)``), not numpy's BLAS: its thread count is read when numpy loads it, before any
+    call here (setting ``OMP_NUM_THREADS`` now would do nothing).
     """
     check_settings(backends, batches, tasks, runs=runs, warmup=warmup, rounds=rounds)
     with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
@@ -138,14 +140,15 @@ def _run_row(
     row: Row, target: Target, *, runs: int, warmup: int, threads: int | None
 ) -> tuple[list[float], dict[str, float]]:
     """Set the row's backend up, warm it up, time ``runs`` runs: -> seconds per run, seconds per stage in all."""
-    if row.backend in TORCH_BACKENDS:
-        fn, stages = _torch_runner(row, target, threads, row.task)
-    else:
-        fn, stages = _runtime_runner(row, target, threads, row.task)
-    for _ in range(warmup):
-        fn()
-    stages.clear()
-    return [_timed_once(fn) for _ in range(runs)], dict(stages)
+    with ExitStack() as stack:  # what a row opens (a Segmenter's session, post-processing threads) ends with it
+        if row.backend in TORCH_BACKENDS:
+            fn, stages = _torch_runner(row, target, threads, row.task, stack)
+        else:
+            fn, stages = _runtime_runner(row, target, threads, row.task, stack)
+        for _ in range(warmup):
+            fn()
+        stages.clear()
+        return [_timed_once(fn) for _ in range(runs)], dict(stages)
 
 
 def _image() -> Any:
@@ -154,7 +157,9 @@ def _image() -> Any:
     return demo_image(IMAGE_SIZE)
 
 
-def _runtime_runner(row: Row, target: Target, threads: int | None, task: str) -> tuple[Callable[[], Any], dict]:
+def _runtime_runner(
+    row: Row, target: Target, threads: int | None, task: str, stack: ExitStack
+) -> tuple[Callable[[], Any], dict]:
     from m2f_deploy.runtime import Segmenter, available_backends
 
     if row.backend not in available_backends():
@@ -170,7 +175,7 @@ def _runtime_runner(row: Row, target: Target, threads: int | None, task: str) ->
             raise InputError("the int8 graph is quantized for onnxruntime CPU (m2f-export --int8-target tensorrt "
                              "makes one for TensorRT)")  # fmt: skip
         artifact = target.onnx[row.precision]
-    segmenter = Segmenter(artifact, row.backend, threads=threads, batch_size=row.batch)
+    segmenter = stack.enter_context(Segmenter(artifact, row.backend, threads=threads, batch_size=row.batch))
     row.device = segmenter.description
     stages: dict[str, float] = {}
     if row.mode == "model":
@@ -180,7 +185,9 @@ def _runtime_runner(row: Row, target: Target, threads: int | None, task: str) ->
     return (lambda: segmenter.predict(image, task, timings=stages)), stages
 
 
-def _torch_runner(row: Row, target: Target, threads: int | None, task: str) -> tuple[Callable[[], Any], dict]:
+def _torch_runner(
+    row: Row, target: Target, threads: int | None, task: str, stack: ExitStack
+) -> tuple[Callable[[], Any], dict]:
     if target.model is None:
         raise InputError("needs a checkpoint or preset (an artifact holds no PyTorch model)")
     import torch
@@ -211,7 +218,8 @@ def _torch_runner(row: Row, target: Target, threads: int | None, task: str) -> t
     from m2f_deploy.processing import ImageProcessor
     from m2f_deploy.runtime.segmenter import timed
 
-    processor = ImageProcessor(canvas=(target.height, target.width))
+    # post-processes on as many threads as the runtime rows' Segmenter(threads=...): the rows stay comparable
+    processor = stack.enter_context(ImageProcessor(canvas=(target.height, target.width), threads=threads))
     post = getattr(processor, f"post_process_{task}_segmentation")
 
     def ours() -> Any:

@@ -45,7 +45,9 @@ def build_parser() -> Parser:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole sequence of rows this many times, the timed runs spread over them: rows "
                         "compare fairly on a machine whose speed drifts (default: 1)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: theirs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch, onnxruntime and the post-processing (default: theirs; "
+                        "post-processing 1)")  # fmt: skip
     p.add_argument("--fp16", action="store_true", help="also export and run an fp16 ONNX graph")
     p.add_argument("--int8", action="store_true",
                    help="also quantize and run an INT8 graph on onnxruntime CPU (calibrated on --calib, or on 8 "
