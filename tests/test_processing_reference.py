@@ -229,15 +229,29 @@ def test_adversarial_ties_fast_equals_reference(target_sizes):
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=_cases())
 def test_property_threads_change_nothing(case):
+    from m2f_deploy.processing.postprocess import resample, threads
+
     outputs, target_sizes, pixel_mask = case
-    with ImageProcessor(threads=2) as threaded:
+    calls = []
+    original = threads.Workers.run
+    with pytest.MonkeyPatch.context() as patch, ImageProcessor(threads=2) as threaded:
+        # every step splits (these cases are far below PARALLEL_MIN): the threaded code runs on every case
+        patch.setattr(threads, "PARALLEL_MIN", 1)
+        patch.setattr(resample, "PARALLEL_MIN", 1)
+        patch.setattr(threads.Workers, "run", lambda self, tasks: calls.append(len(tasks)) or original(self, tasks))
         for task in ("semantic", "instance", "panoptic"):
             options = {"target_sizes": target_sizes, "pixel_mask": pixel_mask}
             one = getattr(FAST, f"post_process_{task}_segmentation")(outputs, **options)
             two = getattr(threaded, f"post_process_{task}_segmentation")(outputs, **options)
+            assert len(one) == len(two)
             for a, b in zip(one, two):
-                a, b = (a, b) if task == "semantic" else (a["segmentation"], b["segmentation"])
-                np.testing.assert_array_equal(a, b)
+                if task == "semantic":
+                    np.testing.assert_array_equal(a, b)
+                else:
+                    np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+                    assert a["segments_info"] == b["segments_info"]
+    if np.prod(outputs["masks_queries_logits"].shape[1:]) > 1:  # one query of one pixel: nothing to split
+        assert max(calls) > 1  # the pool ran several tasks at once
 
 
 def test_large_steps_run_on_the_processor_threads_and_give_the_same_labels(monkeypatch):
