@@ -81,6 +81,8 @@ def test_summary_and_errors():
         main(["--preset", "swin-tiny-coco-panoptic", "--backends", "onnxruntime"])
     with pytest.raises(InputError, match="nope.onnx: no such file"):
         main(["nope.onnx"])
+    with pytest.raises(InputError, match="threads must be a positive whole number or None, got 0"):
+        main(["--preset", "swin-tiny-coco-panoptic", "--threads", "0"])  # as m2f-predict and Segmenter: refused
 
 
 def test_bench_int8_rows_and_several_tasks(checkpoint, tmp_path):

@@ -71,9 +71,19 @@ def plan_rows(
 
 
 def check_settings(
-    backends: Sequence[str], batches: Sequence[int], tasks: Sequence[str], *, runs: int, warmup: int, rounds: int
+    backends: Sequence[str],
+    batches: Sequence[int],
+    tasks: Sequence[str],
+    *,
+    runs: int,
+    warmup: int,
+    rounds: int,
+    threads: int | None = None,
 ) -> None:
     """``InputError`` naming the first unknown backend or task, or a count out of range."""
+    from m2f_deploy.processing.postprocess.threads import check_threads
+
+    check_threads(threads, InputError)  # as Segmenter does: 0 is not a thread count, for the torch rows either
     unknown = [b for b in backends if b not in ALL_BACKENDS]
     if unknown:
         from m2f_deploy.utils import did_you_mean

@@ -58,7 +58,7 @@ def benchmark(
     (``ImageProcessor(threads=...)``), not numpy's BLAS: its thread count is read when numpy loads it, before any
     call here (setting ``OMP_NUM_THREADS`` now would do nothing).
     """
-    check_settings(backends, batches, tasks, runs=runs, warmup=warmup, rounds=rounds)
+    check_settings(backends, batches, tasks, runs=runs, warmup=warmup, rounds=rounds, threads=threads)
     with tempfile.TemporaryDirectory(prefix="m2f-bench-") as tmp:
         target = prepare_target(source, preset=preset, height=height, width=width, fp16=fp16, workdir=Path(tmp),
                                 msda=msda, int8=int8, calibration=calibration)  # fmt: skip

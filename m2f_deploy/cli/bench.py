@@ -46,7 +46,7 @@ def build_parser() -> Parser:
                    help="run the whole sequence of rows this many times, the timed runs spread over them: rows "
                         "compare fairly on a machine whose speed drifts (default: 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch, onnxruntime and the post-processing (default: theirs; "
+                   help="CPU threads for torch, onnxruntime and the post-processing, at least 1 (default: theirs; "
                         "post-processing 1)")  # fmt: skip
     p.add_argument("--fp16", action="store_true", help="also export and run an fp16 ONNX graph")
     p.add_argument("--int8", action="store_true",

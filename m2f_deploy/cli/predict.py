@@ -54,7 +54,7 @@ def build_parser() -> Parser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for onnxruntime and post-processing (default: onnxruntime's; post-processing 1)",
+        help="CPU threads for onnxruntime and post-processing, at least 1 (default: onnxruntime's; post-processing 1)",
     )
     p.add_argument(
         "--exact",

@@ -27,6 +27,7 @@ from m2f_deploy.errors import InputError
 from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.processing.image_processor import POSTPROCESS
 from m2f_deploy.processing.images import flat_list
+from m2f_deploy.processing.postprocess.threads import check_threads
 from m2f_deploy.runtime import onnxrt
 from m2f_deploy.runtime.images import load_image
 from m2f_deploy.utils import did_you_mean
@@ -58,7 +59,7 @@ class Segmenter:
     then CPU provider; the one picked is in :attr:`backend` and logged) or one of :data:`BACKENDS`; a backend that
     is asked for and cannot start raises :class:`~m2f_deploy.errors.BackendError`. ``threads``: onnxruntime's
     intra-op threads (default: its own) and the fast post-processing's (default: 1, the calling thread; the
-    ``"reference"`` path ignores it).
+    ``"reference"`` path ignores it); at least 1 (0 raises: leave it None for the defaults).
     ``postprocess``: ``"fast"`` (default) or ``"reference"`` (HF's post-processing ported literally: slow, exact).
     ``batch_size``: images per run in :meth:`predict` (default: the artifact's export batch; a static-batch
     artifact always runs its own batch, the last one padded). :meth:`close` (or ``with``) ends both.
@@ -75,8 +76,7 @@ class Segmenter:
         postprocess: str = "fast",
     ):
         path = Path(artifact)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise InputError(f"threads must be a positive whole number or None, got {threads!r}")
+        check_threads(threads, InputError)  # before onnxruntime gets it
         if postprocess not in POSTPROCESS:
             raise InputError(
                 f"unknown postprocess {postprocess!r}{did_you_mean(str(postprocess), POSTPROCESS)}; "

@@ -28,13 +28,20 @@ products) now follow it too: each of them handles far more on the inputs where t
 segmentation of noise), and far less where the work is a few milliseconds anyway."""
 
 
+def check_threads(threads: object, error: type[Exception] = ValueError) -> int:
+    """``threads`` as a thread count (``None``: 1), or ``error``: the one check of every ``threads`` option
+    (processor, :class:`~m2f_deploy.runtime.Segmenter`, CLIs). 0 is refused, not read as "a library's default":
+    leave the option out for that."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise error(f"threads must be a positive whole number or None, got {threads!r}")
+    return 1 if threads is None else threads
+
+
 class Workers:
     """Up to ``threads`` threads for post-processing (``None``: 1); see the module docstring for when they run."""
 
     def __init__(self, threads: int | None = None):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive whole number or None, got {threads!r}")
-        self.threads = 1 if threads is None else threads
+        self.threads = check_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
         self._pid = 0
         self._lock = threading.Lock()  # two threads first using one processor must not each start a pool
