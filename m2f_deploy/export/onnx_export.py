@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 import m2f_deploy
-from m2f_deploy.artifact import DEFAULT_PREPROCESSING, INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, build_metadata
+from m2f_deploy.artifact import (
+    DEFAULT_PREPROCESSING,
+    HW_MULTIPLE,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    build_metadata,
+)
 from m2f_deploy.errors import InputError
 from m2f_deploy.export import msda as msda_flavours
 from m2f_deploy.modeling import Mask2Former
@@ -90,8 +97,8 @@ def check_export_args(
     height: int, width: int, batch: int, msda: str, exporter: str, opset: int, *, dynamic_hw: bool = False
 ) -> None:
     for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % 32:
-            raise InputError(f"{name}={v}: must be a positive multiple of 32")
+        if not isinstance(v, int) or v <= 0 or v % HW_MULTIPLE:
+            raise InputError(f"{name}={v}: must be a positive multiple of {HW_MULTIPLE}")
     if batch < 1:
         raise InputError(f"batch={batch}: must be at least 1")
     msda_flavours.check_flavour(msda)
@@ -148,8 +155,8 @@ def _dynamo(wrapper: nn.Module, x: Tensor, f: Path, opset: int, axes: dict, tabl
         if x.shape[0] == 1:  # torch.export specialises axes of size 1: trace at batch 2
             x = torch.cat([x, x])
     if 2 in axes[INPUT_NAME]:
-        dims[2] = 32 * torch.export.Dim("h32", min=1, max=512)
-        dims[3] = 32 * torch.export.Dim("w32", min=1, max=512)
+        dims[2] = HW_MULTIPLE * torch.export.Dim("h32", min=1, max=512)
+        dims[3] = HW_MULTIPLE * torch.export.Dim("w32", min=1, max=512)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from m2f_deploy.artifact import INPUT_NAME  # torch-free
 from m2f_deploy.errors import ConfigError, InputError
 from m2f_deploy.processing import images as img
 from m2f_deploy.processing import postprocess, settings
@@ -274,7 +275,7 @@ class ImageProcessor:
                 raise InputError(f"image {i} of size {(h, w)} is larger than the padded size {padded}")
             out[i, :, :h, :w] = values
             pixel_mask[i, :h, :w] = 1
-        encoded: dict[str, Any] = {"pixel_values": out, "pixel_mask": pixel_mask}
+        encoded: dict[str, Any] = {INPUT_NAME: out, "pixel_mask": pixel_mask}
         if labels is None:
             return encoded
         per_image = isinstance(instance_id_to_semantic_id, (list, tuple))

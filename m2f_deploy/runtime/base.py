@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from m2f_deploy.artifact import INPUT_NAME
+from m2f_deploy.artifact import HW_MULTIPLE, INPUT_NAME
 from m2f_deploy.errors import InputError
 
 UNBOUNDED = 1 << 30
@@ -25,20 +25,20 @@ class InputSpec:
     batch: tuple[int, int]
     height: tuple[int, int]
     width: tuple[int, int]
-    multiple: int = 32
+    multiple: int = HW_MULTIPLE
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> InputSpec:
         """The input an ONNX artifact takes: its static axes as exported, dynamic ones unbounded."""
         inp = meta["input"]
-        multiple = inp.get("hw_multiple", 32)
+        multiple = inp.get("hw_multiple", HW_MULTIPLE)
         batch = (1, UNBOUNDED) if inp["dynamic_batch"] else (inp["batch"], inp["batch"])
         if inp["dynamic_hw"]:
             return cls(batch, (multiple, UNBOUNDED), (multiple, UNBOUNDED), multiple)
         return cls(batch, (inp["height"],) * 2, (inp["width"],) * 2, multiple)
 
     @classmethod
-    def from_profile(cls, low: tuple[int, ...], high: tuple[int, ...], multiple: int = 32) -> InputSpec:
+    def from_profile(cls, low: tuple[int, ...], high: tuple[int, ...], multiple: int = HW_MULTIPLE) -> InputSpec:
         """The input a TensorRT engine takes: its optimization profile's ``[B, 3, H, W]`` min and max."""
         return cls((low[0], high[0]), (low[2], high[2]), (low[3], high[3]), multiple)
 

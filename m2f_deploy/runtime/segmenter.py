@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from m2f_deploy.artifact import (
+    INPUT_NAME,
     OUTPUT_NAMES,
     read_engine_metadata,
     read_onnx_metadata,
@@ -112,7 +113,7 @@ class Segmenter:
         inp = self.metadata["input"]
         self.dynamic_hw: bool = inp["dynamic_hw"]
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
-        self._hw_multiple = inp.get("hw_multiple", 32)
+        self._hw_multiple = self._runner.input_spec.multiple  # what the runner checks inputs against
         canvas = None if self.dynamic_hw else self.input_size
         self.processor = ImageProcessor(
             **{**self.metadata["preprocessing"], "canvas": canvas}, postprocess=postprocess, threads=threads
@@ -175,7 +176,7 @@ class Segmenter:
             chunk = items[start : start + self.batch_size]
             with timed(clock, "preprocess"):
                 inputs = self.processor.preprocess(chunk)
-                pixel_values, pixel_mask = self._fit_batch(inputs["pixel_values"], inputs["pixel_mask"])
+                pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
             with timed(clock, "inference"):
                 outputs = self.infer(pixel_values)
             outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
