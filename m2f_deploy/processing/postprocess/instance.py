@@ -7,7 +7,8 @@ working grid, its score the class probability times the mean mask probability in
 unused, as in HF. Here, a pair's class probability bounds its score (the mean mask probability is below 1), so
 only the masks of pairs whose class probability reaches the threshold are resized.
 
-Order, where we differ from HF on purpose (:func:`segment_order`, shared with :mod:`.reference`): HF walks its
+Order, where we differ from HF on purpose (:func:`segment_order`; :mod:`.reference` states the same order in its own
+code, so that the oracle does not share ours): HF walks its
 top-k pairs in the order ``torch.topk(sorted=False)`` leaves them, which depends on how torch was built (the C++
 standard library's selection algorithm). We return the same segments with the same scores, ordered by score
 descending (ties: by query, then class); ids follow that order, and where masks overlap the pixel goes to the

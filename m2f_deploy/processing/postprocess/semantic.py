@@ -327,6 +327,7 @@ def _labels_from_dense_scores(
 
 
 def _mix(weights: np.ndarray, maps: np.ndarray, workers: Workers) -> np.ndarray:
-    """``weights.T @ maps``: ``[M, S]``, ``[M, N]`` -> ``[S, N]`` float32, BLAS without its own threads, large
-    products on ``workers`` (see :mod:`.threads`)."""
+    """``weights.T @ maps``: ``[M, S]``, ``[M, N]`` -> ``[S, N]`` float32 by :func:`.resample.product`: in blocks on
+    the calling thread, or, when ``workers`` allow threads and the product is large, whole to BLAS' own threads
+    (see :mod:`.threads`)."""
     return product(weights.T, maps, workers=workers)
