@@ -161,8 +161,8 @@ def test_workers_run_tasks_on_the_pool_and_close_it():
     seen.clear()
     Workers(1).run([lambda: seen.add(threading.current_thread().name)] * 3)
     assert seen == {threading.current_thread().name}  # one thread: the caller's
-    with pytest.raises(ZeroDivisionError):  # a task's error reaches the caller
-        Workers(2).run([lambda: None, lambda: 1 / 0])
+    with Workers(2) as failing, pytest.raises(ZeroDivisionError):  # a task's error reaches the caller
+        failing.run([lambda: None, lambda: 1 / 0])
 
 
 def test_a_failing_task_is_raised_only_after_every_task_ended():
@@ -223,11 +223,19 @@ def test_a_forked_child_starts_its_own_pool():
     if child.is_alive():  # a pool inherited through a fork may never run its tasks
         child.kill()
     assert child.exitcode == 0
+    import threading
+
     inherited = workers._pool
+    old_threads = set(inherited._threads)
     workers._pid = -1  # what a forked child sees: a pool started by another process
-    workers.run([lambda: None] * 2)
-    assert workers._pool is not inherited  # a new one
-    workers.close()
+    ran_on = set()
+    workers.run([lambda: ran_on.add(threading.current_thread())] * 4)
+    try:
+        assert ran_on and not ran_on & old_threads  # the tasks ran on a new pool, not on the inherited one
+        assert all(t.name.startswith("m2f-postprocess") for t in ran_on)
+    finally:
+        workers.close()
+        inherited.shutdown()  # in a real child it has no threads; here it does
 
 
 def test_leaders_on_threads_equal_leaders_on_one():
