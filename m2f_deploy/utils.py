@@ -20,8 +20,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
     An exception (or an interrupt) removes the temporary file, so nothing that looks finished is ever left behind.
     The file is fsynced before the rename and its folder after it (where the filesystem can), so that a crash
-    (power loss) leaves the old file or the whole new one, never a renamed empty one. The result gets the mode a new file gets here (0o666 less the
-    umask), not mkstemp's private 0o600.
+    (power loss) leaves the old file or the whole new one, never a renamed empty one. The result gets the mode a
+    new file gets here (0o666 less the umask), not mkstemp's private 0o600.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -117,9 +117,11 @@ def test_threads_reach_every_post_processing_and_each_row_closes_what_it_opened(
 
     used, closed = [], []
     post, close = ImageProcessor.post_process_panoptic_segmentation, segmenter.Segmenter.close
-    monkeypatch.setattr(
-        ImageProcessor, "post_process_panoptic_segmentation", lambda self, *a, **k: used.append(self) or post(self, *a, **k)
-    )  # fmt: skip
+    def recorded(self, *a, **k):
+        used.append(self)
+        return post(self, *a, **k)
+
+    monkeypatch.setattr(ImageProcessor, "post_process_panoptic_segmentation", recorded)
     monkeypatch.setattr(segmenter.Segmenter, "close", lambda self: closed.append(self) or close(self))
     args = [str(checkpoint), "--size", "64", "96", "--runs", "1", "--warmup", "0", "--threads", "2", "--backends",
             "torch,cpu", "--end-to-end", "--json", str(tmp_path / "r.json"), "-q"]  # fmt: skip
