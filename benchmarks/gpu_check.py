@@ -35,12 +35,6 @@ import numpy as np
 
 OUTPUTS = ("class_queries_logits", "masks_queries_logits")
 FP32_TOLERANCE = 1e-3  # ours vs transformers on the same device, TF32 off
-TINY = dict(
-    backbone_config=dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4),
-    feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, encoder_layers=2,
-    decoder_layers=2, num_attention_heads=4, dim_feedforward=64, num_queries=10,
-    id2label={i: f"thing{i}" for i in range(5)},
-)  # fmt: skip
 
 
 class Skip(Exception):
@@ -97,8 +91,11 @@ class Check:
     def config(self) -> Any:
         from m2f_deploy.config import Mask2FormerConfig
         from m2f_deploy.presets import preset_config
+        from m2f_deploy.testing.configs import tiny_config_dict
 
-        return Mask2FormerConfig.from_dict(TINY) if self.args.cpu_smoke else preset_config(self.args.preset)
+        if self.args.cpu_smoke:  # the tests' tiny model, with two decoder layers: seconds on a CPU
+            return Mask2FormerConfig.from_dict(tiny_config_dict(decoder_layers=2))
+        return preset_config(self.args.preset)
 
     def checkpoint(self) -> Path:
         """Random weights saved by transformers' own ``save_pretrained``: both implementations read this folder."""

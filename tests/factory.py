@@ -7,19 +7,11 @@ from pathlib import Path
 import torch
 
 from m2f_deploy.config import Mask2FormerConfig
-
-TINY = dict(
-    backbone_config=dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4),
-    feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, encoder_layers=2,
-    decoder_layers=4, num_attention_heads=4, dim_feedforward=64, num_queries=10,
-    id2label={i: f"thing{i}" for i in range(5)},
-)  # fmt: skip
+from m2f_deploy.testing.configs import tiny_config_dict
 
 
 def tiny_config(**overrides) -> Mask2FormerConfig:
-    d = {**TINY, **overrides}
-    d["backbone_config"] = {**TINY["backbone_config"], **overrides.get("backbone_config", {})}
-    return Mask2FormerConfig.from_dict(d)
+    return Mask2FormerConfig.from_dict(tiny_config_dict(**overrides))
 
 
 def save_hf_checkpoint(config: Mask2FormerConfig, folder: Path, seed: int = 0, perturb: bool = True) -> Path:

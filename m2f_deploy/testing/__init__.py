@@ -1,1 +1,2 @@
-"""Helpers for tests and benchmarks, not used by the shipped pipeline: fake model outputs (``logits``)."""
+"""Helpers for tests and benchmarks, not used by the shipped pipeline: fake model outputs (``logits``) and the
+tiny architecture they build (``configs``)."""
