@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -137,8 +138,8 @@ def build_engine(
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     meta = read_onnx_metadata(onnx_path)
     low, opt, high = profile_shapes(meta, shapes)
-    if workspace_gib is not None and workspace_gib <= 0:
-        raise InputError(f"--workspace must be positive (GiB), got {workspace_gib}")
+    if workspace_gib is not None and not (math.isfinite(workspace_gib) and workspace_gib > 0):  # nan passes "<= 0"
+        raise InputError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
     quantized_for = meta.get("exporter", {}).get("int8", {}).get("target", "tensorrt")
     if meta["precision"] == "int8" and quantized_for != "tensorrt":
         raise InputError(f"{onnx_path}: this INT8 graph was quantized for onnxruntime CPU (uint8 activations), "
