@@ -432,6 +432,60 @@ def test_plugins_are_loaded_for_the_build_and_again_by_the_runner(fake_trt, tiny
         Segmenter(engine)
 
 
+def test_sidecar_stores_a_relative_plugin_path_as_absolute(fake_trt, tiny_onnx, tmp_path, monkeypatch):
+    """The runner may run elsewhere: a relative path is stored resolved, a bare name stays a name for dlopen."""
+    import shutil
+
+    import _ctypes
+
+    fake_trt("10.3.0")
+    lib = tmp_path / "plugins" / "libx.so"
+    lib.parent.mkdir()
+    shutil.copy(_ctypes.__file__, lib)  # a shared library that loads anywhere
+
+    monkeypatch.chdir(tmp_path)
+    _, built = build(tiny_onnx, tmp_path, plugin_libraries=["plugins/libx.so", "libm.so.6"])
+    assert built["plugin_libraries"] == [str(lib.resolve()), "libm.so.6"]
+
+
+def test_unknown_ops_are_left_to_the_plugin_libraries_and_notes_are_logged(fake_trt, tiny_onnx, tmp_path, caplog):
+    """With --plugin-lib, an op without a TensorRT importer is a warning (the parser's fallback importer looks for a
+    plugin of its name), not a refusal; without, the build refuses it before TensorRT."""
+    from m2f_deploy.export.trt_support import TensorRTSupportError
+
+    model = onnx.load(str(tiny_onnx))
+    model.graph.node.append(onnx.helper.make_node("MyOp", [model.graph.output[0].name], ["my"], name="mine",
+                                                  domain="my.plugins"))  # fmt: skip
+    model.opset_import.append(onnx.helper.make_opsetid("my.plugins", 1))
+    custom = tmp_path / "custom.onnx"
+    onnx.save(model, str(custom))
+    fake_trt("10.3.0")
+    with pytest.raises(TensorRTSupportError, match="node 'mine' \\(MyOp\\): op of domain 'my.plugins'"):
+        build(custom, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="m2f_deploy.export"):
+        build(custom, tmp_path, plugin_libraries=["libm.so.6"])
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TensorRT support:")]
+    assert notes == ["TensorRT support: node 'mine' (MyOp): op of domain 'my.plugins' is neither an ONNX op TensorRT "
+                     "imports nor a known plugin (left to the plugin libraries) [TensorRT 10.3]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("version, ok", [("10.3.0", False), ("10.16.1", True)])
+def test_the_build_checks_for_the_imported_tensorrt_without_package_metadata(fake_trt, version, ok):
+    """A system TensorRT (JetPack) has no dist-info: its module's version is the target, not the defaults."""
+    from m2f_deploy.export.trt_support import TensorRTSupportError, installed_tensorrt_version, require_tensorrt_support
+
+    fake_trt(version)
+    assert installed_tensorrt_version() == version.rsplit(".", 1)[0]
+    from test_trt_support import _plugin
+
+    plugin_v2 = _plugin("2")
+    if ok:
+        assert require_tensorrt_support(plugin_v2).targets == ("10.16",)
+    else:
+        with pytest.raises(TensorRTSupportError, match="plugin_version 2 exists from TensorRT 10.11"):
+            require_tensorrt_support(plugin_v2)
+
+
 @pytest.mark.parametrize("version", ["10.3.0", "11.1.0"])
 def test_runner_grows_its_buffers_and_checks_inputs_against_the_profile(fake_trt, tiny_onnx, tmp_path, version):
     from m2f_deploy.runtime import Segmenter

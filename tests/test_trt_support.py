@@ -335,6 +335,21 @@ def test_engine_build_refuses_the_graph_before_tensorrt_is_needed(planted, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["planted.onnx"]
 
 
+def test_ops_without_importer_are_notes_when_plugin_libraries_are_loaded(planted):
+    """Only ops TensorRT has no importer for are left to plugins; a rule broken on a known op stays an error."""
+    model = onnx.load(str(planted))
+    model.graph.node.append(helper.make_node("MyOp", ["u"], ["m"], name="mine", domain="my.plugins"))
+    report = check_tensorrt_support(model, ["10.3"], plugins=True)
+    assert {(f.node, f.severity) for f in report.findings} == {("dc", "error"), ("unique", "plugin"), ("mine", "plugin")}
+    assert "node 'unique' (Unique): not supported by TensorRT's ONNX parser (left to the plugin libraries)" in \
+        report.format()
+    assert {f.node for f in check_tensorrt_support(model, ["10.3"]).errors} == {"dc", "unique", "mine"}
+    del model.graph.node[0]  # the DeformConv: what is left passes, with notes
+    assert require_tensorrt_support(model, ["10.3"], plugins=True).ok
+    with pytest.raises(TensorRTSupportError, match="node 'unique'"):
+        require_tensorrt_support(model, ["10.3"])
+
+
 def test_cli_check_tensorrt(planted, tmp_path, capsys):
     assert export_main([str(planted), "--check-tensorrt"]) == 1
     out = capsys.readouterr().out

@@ -153,8 +153,9 @@ def build_engine(
     int8 = int8 or meta["precision"] == "int8"
     fp16 = fp16 or meta["precision"] == "fp16"
     # the static check against TensorRT's documented ONNX support: a node TensorRT would refuse is named here, after
-    # the cheap checks of the arguments and before TensorRT is looked for
-    require_tensorrt_support(onnx_path)
+    # the cheap checks of the arguments and before TensorRT is loaded
+    plugins = bool(plugin_libraries)
+    _check_support(onnx_path, plugins)
 
     trt = _tensorrt()
     from m2f_deploy.runtime.cuda import gpu_info
@@ -172,7 +173,7 @@ def build_engine(
     with tempfile.TemporaryDirectory(prefix=".m2f-trt-", dir=engine_path.parent) as scratch:
         source = onnx_path
         if strong and fp16 and meta["precision"] == "fp32":
-            source = _fp16_graph(onnx_path, Path(scratch))
+            source = _fp16_graph(onnx_path, Path(scratch), plugins)
         pinned: list[str] = []
         network = backend.NetworkFromOnnxPath(str(source), strongly_typed=trt_api.strongly_typed_network_flag(trt))
         if fp32_layers and not strong and (fp16 or int8) and trt_api.can_pin_layers(trt):
@@ -200,7 +201,7 @@ def build_engine(
         "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
         "flags": {"tf32": tf32, "fp16": fp16, "int8": int8, "strongly_typed": strong},
         "builder_flags": config.builder_flags, "pinned_fp32_layers": list(pinned),
-        "plugin_libraries": [str(p) for p in plugin_libraries],
+        "plugin_libraries": [_plugin_path(p) for p in plugin_libraries],
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": meta["precision"]},
     }  # fmt: skip
     if source_was_converted := (strong and fp16 and meta["precision"] == "fp32"):
@@ -214,6 +215,15 @@ def build_engine(
     if config.timing_cache is not None:
         _save_timing_cache(config)
     return engine_path
+
+
+def _plugin_path(library: str | os.PathLike) -> str:
+    """A plugin library as the runner will load it: a path (with a separator) made absolute, since the runner may
+    run in another folder; a bare name stays a name for the loader's search path."""
+    text = os.fspath(library)
+    if os.sep in text or (os.altsep and os.altsep in text):
+        return str(Path(text).resolve())
+    return text
 
 
 def _build(backend: Any, network: Any, config: Any, onnx_path: Path, meta: dict[str, Any]) -> Any:
@@ -337,7 +347,14 @@ def _save_timing_cache(config: _Config) -> None:
         log.warning("the engine is written, but the timing cache %s was not updated: %s", path, e)
 
 
-def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
+def _check_support(model: Any, plugins: bool) -> None:
+    """:func:`require_tensorrt_support` for the installed TensorRT; its notes (deprecations, ops left to the
+    plugin libraries) as warnings."""
+    for finding in require_tensorrt_support(model, plugins=plugins).findings:
+        log.warning("TensorRT support: %s", finding)
+
+
+def _fp16_graph(onnx_path: Path, scratch: Path, plugins: bool = False) -> Path:
     """The fp16 graph (fp32 islands, fp32 inputs and outputs) of an fp32 ``m2f-export`` graph, as ``--fp16`` makes
     it: what a strongly typed TensorRT needs to build an fp16 engine."""
     try:
@@ -352,7 +369,7 @@ def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
         ) from None
     log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
     model = to_fp16(onnx.load(str(onnx_path)))
-    require_tensorrt_support(model)  # what TensorRT will parse is this graph: checked like the one given
+    _check_support(model, plugins)  # what TensorRT will parse is this graph: checked like the one given
     out = scratch / f"{onnx_path.stem}-fp16.onnx"
     onnx.save(model, str(out), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 26))
     return out
