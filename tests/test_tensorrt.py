@@ -432,6 +432,22 @@ def test_plugins_are_loaded_for_the_build_and_again_by_the_runner(fake_trt, tiny
         Segmenter(engine)
 
 
+def test_polygraphy_messages_go_to_logging_not_stdout(capsys, caplog):
+    """TensorRT's warnings and the parser's errors reach us through Polygraphy's logger: never on stdout (the CLIs'
+    results), but as log records of m2f_deploy (stderr in the CLIs, where -q applies)."""
+    from polygraphy.logger import G_LOGGER
+
+    runtime_tensorrt.polygraphy_quiet()
+    with caplog.at_level(logging.INFO, logger="m2f_deploy"):
+        G_LOGGER.info("polygraphy info")
+        G_LOGGER.warning("tensorrt warning")
+        G_LOGGER.error("parser error")
+    assert capsys.readouterr().out == ""
+    records = [(r.name, r.levelno, r.getMessage().split("] ")[-1]) for r in caplog.records]
+    assert records == [("m2f_deploy.polygraphy", logging.WARNING, "tensorrt warning"),
+                       ("m2f_deploy.polygraphy", logging.ERROR, "parser error")]  # fmt: skip
+
+
 def test_sidecar_stores_a_relative_plugin_path_as_absolute(fake_trt, tiny_onnx, tmp_path, monkeypatch):
     """The runner may run elsewhere: a relative path is stored resolved, a bare name stays a name for dlopen."""
     import shutil
