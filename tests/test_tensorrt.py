@@ -324,6 +324,15 @@ def test_strongly_typed_fp16_build_takes_the_fp16_graph(fake_trt, tiny_onnx, tmp
     assert parsed == (str(fp16_graph), 0)  # built as it is (its metadata says fp16: no second conversion)
 
 
+def test_fp16_conversion_without_onnxruntime_is_one_clear_error(fake_trt, tiny_onnx, tmp_path, monkeypatch):
+    """The fp16 converter imports onnxruntime only when it runs: its absence is named, and nothing is left."""
+    fake_trt("10.12.0")
+    monkeypatch.setitem(sys.modules, "onnxruntime.transformers.float16", None)  # import fails
+    with pytest.raises(BackendError, match="needs the onnx and onnxruntime packages .*onnxruntime.transformers"):
+        build(tiny_onnx, tmp_path, fp16=True)
+    assert not [p for p in tmp_path.iterdir() if "engine" in p.name or p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("version, flags", [("10.3.0", ["INT8", "OBEY_PRECISION_CONSTRAINTS"]), ("11.1.0", [])])
 def test_int8_build_takes_the_qdq_graph(fake_trt, tiny_onnx, tmp_path, version, flags):
     trt = fake_trt(version, int8_graph=True)

@@ -357,18 +357,19 @@ def _check_support(model: Any, plugins: bool) -> None:
 def _fp16_graph(onnx_path: Path, scratch: Path, plugins: bool = False) -> Path:
     """The fp16 graph (fp32 islands, fp32 inputs and outputs) of an fp32 ``m2f-export`` graph, as ``--fp16`` makes
     it: what a strongly typed TensorRT needs to build an fp16 engine."""
-    try:
+    log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
+    try:  # the conversion too: it imports onnxruntime's float16 converter only when it runs
         import onnx
 
         from m2f_deploy.export.fp16 import to_fp16
+
+        model = to_fp16(onnx.load(str(onnx_path)))
     except ImportError as e:
         raise BackendError(
             f"{onnx_path} is an fp32 graph and this TensorRT builds strongly typed networks: --fp16 first converts "
-            f"it to fp16, which needs the onnx package (pip install 'm2f-deploy[export]'), or export with "
-            f"m2f-export CHECKPOINT --fp16 ({e})"
+            f"it to fp16, which needs the onnx and onnxruntime packages (pip install 'm2f-deploy[export]'), or "
+            f"export with m2f-export CHECKPOINT --fp16 ({e})"
         ) from None
-    log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
-    model = to_fp16(onnx.load(str(onnx_path)))
     _check_support(model, plugins)  # what TensorRT will parse is this graph: checked like the one given
     out = scratch / f"{onnx_path.stem}-fp16.onnx"
     onnx.save(model, str(out), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 26))
