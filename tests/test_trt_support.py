@@ -162,7 +162,8 @@ def test_grid_sample_rank():
                       [("x", F, shape), ("g", F, [1] + [3] * (rank - 2) + [rank - 2])], [("y", F, None)])  # fmt: skip
 
     assert check_tensorrt_support(graph(4)).ok
-    assert _findings(graph(5), ["10.16", "11.2"]) == {("gs", "input must be 4-D"): ("10.16",)}
+    assert _findings(graph(5), ["10.16", "11.2", "11.3"]) == {("gs", "input must be 4-D"): ("10.16", "11.2")}
+    assert "5-D from TensorRT 11.2.1: checked as 11.3" in _one(graph(5), ["11.2"]).rule
 
 
 def _with_axes(op, axes_from_shape: bool, rank_in=3):

@@ -331,7 +331,8 @@ def _grid_sample(node, g):
     rank = g.ranks.get(node.input[0])
     if rank is not None and rank != 4:
         if rank == 5:
-            yield "input must be 4-D (5-D from TensorRT 11.2.1)", _before((11, 2))
+            # 11.2.1's release notes add it; versions here are MAJOR.MINOR, so 11.2 (maybe 11.2.0) is not trusted
+            yield "input must be 4-D (5-D from TensorRT 11.2.1: checked as 11.3)", _before((11, 3))
         else:
             yield f"input must be 4-D, is {rank}-D", ALWAYS
 
