@@ -587,9 +587,33 @@ def test_cudart_is_found_where_pip_puts_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/x")
     assert runtime_cuda.ensure_cudart() == str(wheel / "libcudart.so.13")
     assert __import__("os").environ["LD_LIBRARY_PATH"].split(":") == [str(wheel), "/opt/x"]
+
+
+
+def test_cudart_not_found_leaves_the_search_to_polygraphy(tmp_path, monkeypatch, caplog):
+    """Polygraphy falls back to the loader's default paths (ld.so.cache): not finding it is a warning, not an end."""
     monkeypatch.setattr(runtime_cuda, "cudart_dirs", lambda: [str(tmp_path / "empty")])
-    with pytest.raises(BackendError, match="libcudart.so. was not found.*nvidia-cuda-runtime"):
-        runtime_cuda.ensure_cudart()
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/x")
+    with caplog.at_level(logging.WARNING, logger="m2f_deploy.runtime"):
+        assert runtime_cuda.ensure_cudart() is None
+    assert "(libcudart.so*) was not found" in caplog.text and "the loader's default paths" in caplog.text
+    assert __import__("os").environ["LD_LIBRARY_PATH"] == "/opt/x"
+
+
+def test_cudart_search_covers_conda_and_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "conda"))
+    assert str(tmp_path / "conda" / "lib") in runtime_cuda.cudart_dirs()
+    toolkit = tmp_path / "CUDA" / "v12.4"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "cudart64_12.dll").write_bytes(b"")
+    monkeypatch.setattr(runtime_cuda, "WINDOWS", True)
+    monkeypatch.setattr(runtime_cuda, "CUDART_GLOB", "cudart64_*.dll")
+    monkeypatch.setenv("CUDA_PATH", str(toolkit))
+    monkeypatch.setenv("PATH", "/opt/y")
+    dirs = runtime_cuda.cudart_dirs()
+    assert str(tmp_path / "conda" / "Library" / "bin") in dirs and str(tmp_path / "conda" / "lib") not in dirs
+    assert runtime_cuda.ensure_cudart() == str(toolkit / "bin" / "cudart64_12.dll")
+    assert __import__("os").environ["PATH"].split(":")[0] == str(toolkit / "bin")
 
 
 def test_cudart_search_covers_the_wheel_folders(tmp_path, monkeypatch):
