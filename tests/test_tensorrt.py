@@ -575,6 +575,11 @@ def test_cli_engine_flags_reach_the_build(fake_trt, tiny_onnx, tmp_path, capsys)
         export_main([str(tiny_onnx), "-o", str(engine), "--int8"])
     assert export_main([str(qdq), "-o", str(engine), "--int8"]) == 0
     assert "INT8" in read_engine_metadata(engine)["tensorrt"]["builder_flags"]
+    engine.unlink()
+    capsys.readouterr()
+    assert export_main([str(tiny_onnx), "--check-tensorrt", "-o", str(engine), "--engine", "--fp16"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tiny_onnx}: passes for TensorRT 10.3, 10.16, 11.x", str(engine)]
+    assert read_engine_metadata(engine)["tensorrt"]["flags"]["fp16"] is True  # checked, then built with its flags
 
 
 def test_cudart_is_found_where_pip_puts_it(tmp_path, monkeypatch):
