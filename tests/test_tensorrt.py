@@ -477,6 +477,9 @@ def test_sidecar_stores_a_relative_plugin_path_as_absolute(fake_trt, tiny_onnx, 
     monkeypatch.chdir(tmp_path)
     _, built = build(tiny_onnx, tmp_path, plugin_libraries=["plugins/libx.so", "libm.so.6"])
     assert built["plugin_libraries"] == [str(lib.resolve()), "libm.so.6"]
+    engine = tmp_path / "cli.engine"  # the CLI keeps "./" (a path, not a name for the loader's search)
+    assert export_main([str(tiny_onnx), "-o", str(engine), "--shapes", *SHAPES, "--plugin-lib", "./plugins/libx.so"]) == 0
+    assert read_engine_metadata(engine)["tensorrt"]["plugin_libraries"] == [str(lib.resolve())]
 
 
 def test_unknown_ops_are_left_to_the_plugin_libraries_and_notes_are_logged(fake_trt, tiny_onnx, tmp_path, caplog):

@@ -69,7 +69,7 @@ def build_parser() -> Parser:
                           "(default: dynamic batch 1..8; dynamic size half to twice the export size)")
     trt.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit in GiB (default: TensorRT's)")
     trt.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update this timing cache")
-    trt.add_argument("--plugin-lib", action="append", default=[], type=Path, metavar="SO",
+    trt.add_argument("--plugin-lib", action="append", default=[], metavar="SO",  # str: Path drops a "./"
                      help="load a TensorRT plugin library (repeatable); the built-in MSDA plugin needs none")
     trt.add_argument("--no-fp32-layers", action="store_true",
                      help="TensorRT 10.0-10.11: let fp16/int8 engines run LayerNorm and the cross-attention softmax "
