@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -407,7 +408,10 @@ def markdown(check: Check) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked (a bad one is argparse's one-line usage error, before anything slow), defaults filled."""
+    from m2f_deploy.artifact import HW_MULTIPLE
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("gpu_check"), help="results folder (default: gpu_check)")
     ap.add_argument("--preset", default="swin-tiny-coco-panoptic")
@@ -418,8 +422,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redo", action="store_true", help="forget earlier results in --out")
     ap.add_argument("--verbose", action="store_true", help="tracebacks of failed rows")
     args = ap.parse_args(argv)
-    args.size = args.size or (64 if args.cpu_smoke else 384)
-    args.runs = args.runs or (3 if args.cpu_smoke else 20)
+    if args.runs is not None and args.runs < 1:
+        ap.error(f"--runs {args.runs}: at least 1 timed run")
+    if args.size is not None and (args.size <= 0 or args.size % HW_MULTIPLE):
+        ap.error(f"--size {args.size}: a positive multiple of {HW_MULTIPLE}")
+    if not (math.isfinite(args.budget) and args.budget >= 0):
+        ap.error(f"--budget {args.budget}: seconds, a finite number >= 0")
+    args.size = args.size if args.size is not None else (64 if args.cpu_smoke else 384)
+    args.runs = args.runs if args.runs is not None else (3 if args.cpu_smoke else 20)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(args)
     if check.cuda and args.cpu_smoke:

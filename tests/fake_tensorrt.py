@@ -37,6 +37,7 @@ class LayerType(enum.Enum):  # pybind11 enums print as LayerType.CAST
     SHAPE = 7
     GRID_SAMPLE = 8
     MATRIX_MULTIPLY = 9
+    CONSTANT = 10
 
 
 @dataclass
@@ -102,10 +103,13 @@ def graph_layers(int8=False):
         (f"{sampler}/Cast_3", LayerType.CAST, DataType.HALF, False),  # the fp16 converter's Cast(to=FLOAT16)
         (f"{sampler}/Cast_3_identity", LayerType.IDENTITY, DataType.HALF, False),
         (f"{sampler}/Shape", LayerType.SHAPE, DataType.INT64, False),
+        # float outputs inside a pinned scope, never pinned for their kind alone (NOT_PINNED)
+        (f"{sampler}/Constant_7", LayerType.CONSTANT, DataType.FLOAT, False),
         ("/model/class_predictor/MatMul", LayerType.MATRIX_MULTIPLY, DataType.FLOAT, False),
     ]
     if int8:
         layers.append(("/model/class_predictor/QuantizeLinear", LayerType.QUANTIZE, DataType.INT8, False))
+        layers.append((f"{sampler}/DequantizeLinear", LayerType.DEQUANTIZE, DataType.FLOAT, False))
     return layers
 
 

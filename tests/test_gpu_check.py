@@ -44,6 +44,13 @@ def test_cpu_smoke_runs_what_it_can_says_what_it_skipped_and_resumes(tmp_path):
     assert gpu_check.main(["--cpu-smoke", "--out", str(out), "--runs", "2"]) == 0
     again = rows(out)[lines:]
     assert again and all(r["status"] != "ok" for r in again)  # only the skipped rows were tried again
+    # the INT8 export of the TensorRT rows (skipped above without TensorRT): its code path runs here too
+    from m2f_deploy.artifact import read_onnx_metadata
+
+    int8 = gpu_check.export(gpu_check.Check(gpu_check.parse_args(["--cpu-smoke", "--out", str(out)])), "int8")
+    meta = read_onnx_metadata(int8)
+    assert int8 == out / "model-int8.onnx" and meta["precision"] == "int8"
+    assert meta["exporter"]["int8"]["target"] == "tensorrt"
 
 
 def test_a_spent_budget_leaves_rows_for_the_next_run(tmp_path):
@@ -74,3 +81,21 @@ def test_every_project_import_in_the_benchmarks_resolves(script):
             for alias in node.names:
                 if alias.name.startswith("m2f_deploy"):
                     importlib.import_module(alias.name)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "--runs 0: at least 1 timed run"),
+    (["--runs", "-2"], "--runs -2: at least 1 timed run"),
+    (["--size", "100"], "--size 100: a positive multiple of 32"),
+    (["--size", "0"], "--size 0: a positive multiple of 32"),
+    (["--budget", "nan"], "--budget nan: seconds, a finite number >= 0"),
+    (["--budget", "-1"], "--budget -1.0: seconds, a finite number >= 0"),
+])  # fmt: skip
+def test_bad_options_are_one_usage_error_before_anything_runs(tmp_path, capsys, args, message):
+    gpu_check = load_script()
+    out = tmp_path / "check"
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main(["--cpu-smoke", "--out", str(out), *args])
+    assert info.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {message}")
+    assert not out.exists()
+    assert gpu_check.parse_args(["--cpu-smoke"]).runs == 3 and gpu_check.parse_args([]).size == 384

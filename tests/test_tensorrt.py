@@ -324,6 +324,15 @@ def test_strongly_typed_fp16_build_takes_the_fp16_graph(fake_trt, tiny_onnx, tmp
     assert parsed == (str(fp16_graph), 0)  # built as it is (its metadata says fp16: no second conversion)
 
 
+def test_fp16_conversion_without_onnxruntime_is_one_clear_error(fake_trt, tiny_onnx, tmp_path, monkeypatch):
+    """The fp16 converter imports onnxruntime only when it runs: its absence is named, and nothing is left."""
+    fake_trt("10.12.0")
+    monkeypatch.setitem(sys.modules, "onnxruntime.transformers.float16", None)  # import fails
+    with pytest.raises(BackendError, match="needs the onnx and onnxruntime packages .*onnxruntime.transformers"):
+        build(tiny_onnx, tmp_path, fp16=True)
+    assert not [p for p in tmp_path.iterdir() if "engine" in p.name or p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("version, flags", [("10.3.0", ["INT8", "OBEY_PRECISION_CONSTRAINTS"]), ("11.1.0", [])])
 def test_int8_build_takes_the_qdq_graph(fake_trt, tiny_onnx, tmp_path, version, flags):
     trt = fake_trt(version, int8_graph=True)
@@ -335,7 +344,9 @@ def test_int8_build_takes_the_qdq_graph(fake_trt, tiny_onnx, tmp_path, version, 
     assert flag_names(trt, config) == flags
     built = read_engine_metadata(engine)["tensorrt"]
     assert built["flags"]["int8"] is True and built["flags"]["strongly_typed"] is (version != "10.3.0")
-    assert "/model/class_predictor/QuantizeLinear" not in built["pinned_fp32_layers"]
+    # a float DequantizeLinear in the pinned sampler scope stays unpinned (NOT_PINNED), as does the QuantizeLinear
+    assert sorted(built["pinned_fp32_layers"]) == (PINNED if version == "10.3.0" else [])
+    assert any(name.endswith("sampler/DequantizeLinear") for name, *_ in fake_tensorrt.graph_layers(int8=True))
     trt.calls.clear()
     built = read_engine_metadata(build_engine(qdq, tmp_path / "model.engine", shapes=SHAPES, fp16=True))["tensorrt"]
     assert flag_names(trt, built_config(trt)[1]) == (["FP16", *flags] if version == "10.3.0" else [])
@@ -359,7 +370,11 @@ def test_parse_failure_names_the_real_cause(fake_trt, tiny_onnx, tmp_path):
 
     with pytest.raises(InputError, match="ONNX parser failed.*ships in libnvinfer_plugin") as info:
         build_engine(plugin_graph, tmp_path / "m.engine", shapes=SHAPES)
-    assert "load its library with --plugin-lib" not in str(info.value)  # the old, wrong hint
+    assert str(info.value) == (
+        f"{plugin_graph}: TensorRT's ONNX parser failed (TensorRT's MSDA plugin MultiscaleDeformableAttnPlugin_TRT "
+        "ships in libnvinfer_plugin, loaded with TensorRT; no --plugin-lib is needed: check that this TensorRT has the "
+        "plugin version the graph asks for); its errors are above"
+    )
     assert not [p for p in tmp_path.iterdir() if "engine" in p.name or p.name.startswith(".")]
 
 
@@ -432,6 +447,79 @@ def test_plugins_are_loaded_for_the_build_and_again_by_the_runner(fake_trt, tiny
         Segmenter(engine)
 
 
+def test_polygraphy_messages_go_to_logging_not_stdout(capsys, caplog):
+    """TensorRT's warnings and the parser's errors reach us through Polygraphy's logger: never on stdout (the CLIs'
+    results), but as log records of m2f_deploy (stderr in the CLIs, where -q applies)."""
+    from polygraphy.logger import G_LOGGER
+
+    runtime_tensorrt.polygraphy_quiet()
+    with caplog.at_level(logging.INFO, logger="m2f_deploy"):
+        G_LOGGER.info("polygraphy info")
+        G_LOGGER.warning("tensorrt warning")
+        G_LOGGER.error("parser error")
+    assert capsys.readouterr().out == ""
+    records = [(r.name, r.levelno, r.getMessage().split("] ")[-1]) for r in caplog.records]
+    assert records == [("m2f_deploy.polygraphy", logging.WARNING, "tensorrt warning"),
+                       ("m2f_deploy.polygraphy", logging.ERROR, "parser error")]  # fmt: skip
+
+
+def test_sidecar_stores_a_relative_plugin_path_as_absolute(fake_trt, tiny_onnx, tmp_path, monkeypatch):
+    """The runner may run elsewhere: a relative path is stored resolved, a bare name stays a name for dlopen."""
+    import shutil
+
+    import _ctypes
+
+    fake_trt("10.3.0")
+    lib = tmp_path / "plugins" / "libx.so"
+    lib.parent.mkdir()
+    shutil.copy(_ctypes.__file__, lib)  # a shared library that loads anywhere
+
+    monkeypatch.chdir(tmp_path)
+    _, built = build(tiny_onnx, tmp_path, plugin_libraries=["plugins/libx.so", "libm.so.6"])
+    assert built["plugin_libraries"] == [str(lib.resolve()), "libm.so.6"]
+    engine = tmp_path / "cli.engine"  # the CLI keeps "./" (a path, not a name for the loader's search)
+    assert export_main([str(tiny_onnx), "-o", str(engine), "--shapes", *SHAPES, "--plugin-lib", "./plugins/libx.so"]) == 0
+    assert read_engine_metadata(engine)["tensorrt"]["plugin_libraries"] == [str(lib.resolve())]
+
+
+def test_unknown_ops_are_left_to_the_plugin_libraries_and_notes_are_logged(fake_trt, tiny_onnx, tmp_path, caplog):
+    """With --plugin-lib, an op without a TensorRT importer is a warning (the parser's fallback importer looks for a
+    plugin of its name), not a refusal; without, the build refuses it before TensorRT."""
+    from m2f_deploy.export.trt_support import TensorRTSupportError
+
+    model = onnx.load(str(tiny_onnx))
+    model.graph.node.append(onnx.helper.make_node("MyOp", [model.graph.output[0].name], ["my"], name="mine",
+                                                  domain="my.plugins"))  # fmt: skip
+    model.opset_import.append(onnx.helper.make_opsetid("my.plugins", 1))
+    custom = tmp_path / "custom.onnx"
+    onnx.save(model, str(custom))
+    fake_trt("10.3.0")
+    with pytest.raises(TensorRTSupportError, match="node 'mine' \\(MyOp\\): op of domain 'my.plugins'"):
+        build(custom, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="m2f_deploy.export"):
+        build(custom, tmp_path, plugin_libraries=["libm.so.6"])
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TensorRT support:")]
+    assert notes == ["TensorRT support: node 'mine' (MyOp): op of domain 'my.plugins' is neither an ONNX op TensorRT "
+                     "imports nor a known plugin (left to the plugin libraries) [TensorRT 10.3]"]  # fmt: skip
+
+
+@pytest.mark.parametrize("version, ok", [("10.3.0", False), ("10.16.1", True)])
+def test_the_build_checks_for_the_imported_tensorrt_without_package_metadata(fake_trt, version, ok):
+    """A system TensorRT (JetPack) has no dist-info: its module's version is the target, not the defaults."""
+    from m2f_deploy.export.trt_support import TensorRTSupportError, installed_tensorrt_version, require_tensorrt_support
+
+    fake_trt(version)
+    assert installed_tensorrt_version() == version.rsplit(".", 1)[0]
+    from test_trt_support import _plugin
+
+    plugin_v2 = _plugin("2")
+    if ok:
+        assert require_tensorrt_support(plugin_v2).targets == ("10.16",)
+    else:
+        with pytest.raises(TensorRTSupportError, match="plugin_version 2 exists from TensorRT 10.11"):
+            require_tensorrt_support(plugin_v2)
+
+
 @pytest.mark.parametrize("version", ["10.3.0", "11.1.0"])
 def test_runner_grows_its_buffers_and_checks_inputs_against_the_profile(fake_trt, tiny_onnx, tmp_path, version):
     from m2f_deploy.runtime import Segmenter
@@ -490,6 +578,11 @@ def test_cli_engine_flags_reach_the_build(fake_trt, tiny_onnx, tmp_path, capsys)
         export_main([str(tiny_onnx), "-o", str(engine), "--int8"])
     assert export_main([str(qdq), "-o", str(engine), "--int8"]) == 0
     assert "INT8" in read_engine_metadata(engine)["tensorrt"]["builder_flags"]
+    engine.unlink()
+    capsys.readouterr()
+    assert export_main([str(tiny_onnx), "--check-tensorrt", "-o", str(engine), "--engine", "--fp16"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{tiny_onnx}: passes for TensorRT 10.3, 10.16, 11.x", str(engine)]
+    assert read_engine_metadata(engine)["tensorrt"]["flags"]["fp16"] is True  # checked, then built with its flags
 
 
 def test_cudart_is_found_where_pip_puts_it(tmp_path, monkeypatch):
@@ -502,9 +595,33 @@ def test_cudart_is_found_where_pip_puts_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/x")
     assert runtime_cuda.ensure_cudart() == str(wheel / "libcudart.so.13")
     assert __import__("os").environ["LD_LIBRARY_PATH"].split(":") == [str(wheel), "/opt/x"]
+
+
+
+def test_cudart_not_found_leaves_the_search_to_polygraphy(tmp_path, monkeypatch, caplog):
+    """Polygraphy falls back to the loader's default paths (ld.so.cache): not finding it is a warning, not an end."""
     monkeypatch.setattr(runtime_cuda, "cudart_dirs", lambda: [str(tmp_path / "empty")])
-    with pytest.raises(BackendError, match="libcudart.so. was not found.*nvidia-cuda-runtime"):
-        runtime_cuda.ensure_cudart()
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/x")
+    with caplog.at_level(logging.WARNING, logger="m2f_deploy.runtime"):
+        assert runtime_cuda.ensure_cudart() is None
+    assert "(libcudart.so*) was not found" in caplog.text and "the loader's default paths" in caplog.text
+    assert __import__("os").environ["LD_LIBRARY_PATH"] == "/opt/x"
+
+
+def test_cudart_search_covers_conda_and_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "conda"))
+    assert str(tmp_path / "conda" / "lib") in runtime_cuda.cudart_dirs()
+    toolkit = tmp_path / "CUDA" / "v12.4"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "cudart64_12.dll").write_bytes(b"")
+    monkeypatch.setattr(runtime_cuda, "WINDOWS", True)
+    monkeypatch.setattr(runtime_cuda, "CUDART_GLOB", "cudart64_*.dll")
+    monkeypatch.setenv("CUDA_PATH", str(toolkit))
+    monkeypatch.setenv("PATH", "/opt/y")
+    dirs = runtime_cuda.cudart_dirs()
+    assert str(tmp_path / "conda" / "Library" / "bin") in dirs and str(tmp_path / "conda" / "lib") not in dirs
+    assert runtime_cuda.ensure_cudart() == str(toolkit / "bin" / "cudart64_12.dll")
+    assert __import__("os").environ["PATH"].split(":")[0] == str(toolkit / "bin")
 
 
 def test_cudart_search_covers_the_wheel_folders(tmp_path, monkeypatch):

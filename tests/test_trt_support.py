@@ -162,7 +162,8 @@ def test_grid_sample_rank():
                       [("x", F, shape), ("g", F, [1] + [3] * (rank - 2) + [rank - 2])], [("y", F, None)])  # fmt: skip
 
     assert check_tensorrt_support(graph(4)).ok
-    assert _findings(graph(5), ["10.16", "11.2"]) == {("gs", "input must be 4-D"): ("10.16",)}
+    assert _findings(graph(5), ["10.16", "11.2", "11.3"]) == {("gs", "input must be 4-D"): ("10.16", "11.2")}
+    assert "5-D from TensorRT 11.2.1: checked as 11.3" in _one(graph(5), ["11.2"]).rule
 
 
 def _with_axes(op, axes_from_shape: bool, rank_in=3):
@@ -335,6 +336,21 @@ def test_engine_build_refuses_the_graph_before_tensorrt_is_needed(planted, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["planted.onnx"]
 
 
+def test_ops_without_importer_are_notes_when_plugin_libraries_are_loaded(planted):
+    """Only ops TensorRT has no importer for are left to plugins; a rule broken on a known op stays an error."""
+    model = onnx.load(str(planted))
+    model.graph.node.append(helper.make_node("MyOp", ["u"], ["m"], name="mine", domain="my.plugins"))
+    report = check_tensorrt_support(model, ["10.3"], plugins=True)
+    assert {(f.node, f.severity) for f in report.findings} == {("dc", "error"), ("unique", "plugin"), ("mine", "plugin")}
+    assert "node 'unique' (Unique): not supported by TensorRT's ONNX parser (left to the plugin libraries)" in \
+        report.format()
+    assert {f.node for f in check_tensorrt_support(model, ["10.3"]).errors} == {"dc", "unique", "mine"}
+    del model.graph.node[0]  # the DeformConv: what is left passes, with notes
+    assert require_tensorrt_support(model, ["10.3"], plugins=True).ok
+    with pytest.raises(TensorRTSupportError, match="node 'unique'"):
+        require_tensorrt_support(model, ["10.3"])
+
+
 def test_cli_check_tensorrt(planted, tmp_path, capsys):
     assert export_main([str(planted), "--check-tensorrt"]) == 1
     out = capsys.readouterr().out
@@ -352,6 +368,68 @@ def test_cli_check_tensorrt(planted, tmp_path, capsys):
         export_main([str(good), "--trt-version", "10.3"])
     with pytest.raises(InputError, match="--trt-plugin-version is for --msda trt_plugin"):
         export_main(["--preset", "swin-tiny-coco-panoptic", "--trt-plugin-version", "2"])
+
+
+def test_cli_checks_the_graph_it_would_build_and_builds_only_with_engine(planted, tmp_path, capsys, monkeypatch):
+    """--check-tensorrt checks the final graph (the quantized one with --calib; an --int8 build's too) and builds
+    nothing unless --engine is given; engine options without a build are one error, not silently dropped."""
+    import m2f_deploy.cli.export as cli
+
+    good = tmp_path / "good.onnx"
+    onnx.save(_plugin("2"), str(good))
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "a.png").write_bytes(b"")
+
+    def quantize(fp32, output, images, args):  # stands in for the calibration: its output is the planted graph
+        output.write_bytes(planted.read_bytes())
+
+    monkeypatch.setattr(cli, "_quantize", quantize)
+    q = tmp_path / "q.onnx"
+    assert export_main([str(good), "--int8", "--calib", str(tmp_path / "calib"), "-o", str(q), "--check-tensorrt"]) == 1
+    assert "node 'dc' (DeformConv): begin and end pads must be equal" in capsys.readouterr().out
+    # a quantized graph with --int8: checked (exit 1 on its refusal), not built
+    assert export_main([str(planted), "--int8", "--engine", "--check-tensorrt"]) == 1
+    assert f"{planted}: 2 finding(s)" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.engine"))
+    for extra in (["--fp16"], ["--int8"], ["-o", str(tmp_path / "g.engine")], ["--shapes", "1x3x64x64", "1x3x64x64",
+                  "1x3x64x64"], ["--tf32"], ["--workspace", "1"], ["--no-fp32-layers"],
+                  ["--plugin-lib", "libx.so"], ["--timing-cache", "t.cache"]):  # fmt: skip
+        with pytest.raises(InputError, match=f"{extra[0]}: engine option\\(s\\) without an engine build "
+                                             "\\(--check-tensorrt only checks the graph\\): add --engine"):
+            export_main([str(good), "--check-tensorrt", "--trt-version", "11", *extra])
+    for extra in (["--tf32"], ["--workspace", "1"], ["--no-fp32-layers"], ["--plugin-lib", "libx.so"],
+                  ["--timing-cache", "t.cache"], ["--shapes", "1x3x384x384", "1x3x384x384", "1x3x384x384"]):
+        with pytest.raises(InputError, match=f"{extra[0]}: engine option\\(s\\) without an engine build "
+                                             "\\(no engine is built\\)"):
+            export_main(["--preset", "swin-tiny-coco-panoptic", *extra])  # before the export, which is slow
+    with pytest.raises(InputError, match="--fp16: engine option"):  # quantizing only: --fp16 has no engine to go to
+        export_main([str(good), "--int8", "--calib", str(tmp_path / "calib"), "--fp16"])
+
+
+@pytest.mark.parametrize("value", ["0", "3", "-1"])
+def test_cli_plugin_version_is_1_or_2(value):
+    from m2f_deploy.errors import M2FError
+
+    with pytest.raises(M2FError, match="--trt-plugin-version: invalid choice"):
+        export_main(["--preset", "swin-tiny-coco-panoptic", "--msda", "trt_plugin", "--trt-plugin-version", value,
+                     "--no-validate"])  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_cli_engine_options_are_checked_before_the_export(value, planted, tmp_path):
+    """--workspace and --shapes of a checkpoint export are refused before the (slow) export and TensorRT lookup."""
+    with pytest.raises(InputError, match=f"--workspace must be a positive number of GiB, got {float(value)}"):
+        export_main(["--preset", "swin-tiny-coco-panoptic", "--engine", "--workspace", value])
+    with pytest.raises(InputError, match="fixed at 384x384"):
+        export_main(["--preset", "swin-tiny-coco-panoptic", "--engine", "--shapes", "1x3x64x64", "1x3x64x64",
+                     "1x3x64x64"])  # fmt: skip
+    with pytest.raises(InputError, match="batch is fixed at 2"):
+        export_main(["--preset", "swin-tiny-coco-panoptic", "--engine", "--static-batch", "--batch", "2",
+                     "--shapes", "1x3x384x384", "2x3x384x384", "2x3x384x384"])  # fmt: skip
+    from m2f_deploy.export.tensorrt import build_engine
+
+    with pytest.raises(InputError, match="--workspace must be a positive number"):
+        build_engine(planted, tmp_path / "m.engine", workspace_gib=float(value))
 
 
 def test_cli_check_tensorrt_one_line_exit_1(planted):

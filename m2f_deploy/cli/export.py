@@ -6,6 +6,7 @@ Given an ``.onnx`` file instead of a checkpoint, it builds the TensorRT engine f
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -61,13 +62,14 @@ def build_parser() -> Parser:
                    help="the INT8 gate: least share of semantic pixels equal to fp32 on calibration images (0.95)")
     trt = p.add_argument_group("TensorRT engine (needs TensorRT and a GPU)")
     trt.add_argument("--engine", action="store_true",
-                     help="also build a TensorRT engine (<output>.engine + .engine.json); implied for an .onnx input")
+                     help="also build a TensorRT engine (<output>.engine + .engine.json); implied for an .onnx input, "
+                          "unless --check-tensorrt or --calib is given")
     trt.add_argument("--shapes", nargs=3, metavar=("MIN", "OPT", "MAX"),
                      help="optimization profile as BxCxHxW, e.g. 1x3x384x384 4x3x384x384 8x3x384x384 "
                           "(default: dynamic batch 1..8; dynamic size half to twice the export size)")
     trt.add_argument("--workspace", type=float, metavar="GIB", help="builder workspace limit in GiB (default: TensorRT's)")
     trt.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update this timing cache")
-    trt.add_argument("--plugin-lib", action="append", default=[], type=Path, metavar="SO",
+    trt.add_argument("--plugin-lib", action="append", default=[], metavar="SO",  # str: Path drops a "./"
                      help="load a TensorRT plugin library (repeatable); the built-in MSDA plugin needs none")
     trt.add_argument("--no-fp32-layers", action="store_true",
                      help="TensorRT 10.0-10.11: let fp16/int8 engines run LayerNorm and the cross-attention softmax "
@@ -77,10 +79,11 @@ def build_parser() -> Parser:
     c = p.add_argument_group("static TensorRT check (no TensorRT needed)")
     c.add_argument("--check-tensorrt", action="store_true",
                    help="check every node of the graph (an .onnx, or the one just exported) against TensorRT's "
-                        "documented ONNX support; print the findings, exit 1 on any")
+                        "documented ONNX support (after quantizing, with --calib); print the findings, exit 1 on any "
+                        "refusal; builds nothing unless --engine is given")
     c.add_argument("--trt-version", action="append", metavar="X.Y",
                    help="TensorRT version(s) to check for (repeatable; default: 10.3, 10.16, 11.x)")
-    c.add_argument("--trt-plugin-version", type=int, default=None, metavar="{1,2}",
+    c.add_argument("--trt-plugin-version", type=int, choices=(1, 2), default=None,
                    help="--msda trt_plugin: MultiscaleDeformableAttnPlugin_TRT version, 1 (default; TensorRT 10 "
                         "and 11, JetPack 6) or 2 (TensorRT >= 10.11)")
     return p
@@ -120,15 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             parse_trt_version(version)  # bad input before anything slow
     if args.trt_plugin_version is not None and args.msda != "trt_plugin":
         raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
-    if args.checkpoint and str(args.checkpoint).endswith(".onnx") and args.check_tensorrt and not args.int8:
-        return _check_tensorrt(Path(args.checkpoint), args.trt_version)
+    from_onnx = bool(args.checkpoint) and str(args.checkpoint).endswith(".onnx")
     calibration = _calibration_images(args)
-    if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
+    # an .onnx input is built into an engine unless it is only checked or quantized (then --engine builds it too)
+    build = args.engine or (from_onnx and not args.check_tensorrt and not calibration)
+    _check_engine_flags(args, build, from_onnx, calibration, height, width)
+    if from_onnx:
+        onnx_path, engine_output = Path(args.checkpoint), args.output
         if calibration:
-            output = args.output or Path(str(args.checkpoint)[: -len(".onnx")] + "-int8.onnx")
-            _quantize(Path(args.checkpoint), output, calibration, args)
-            return _engine_from_onnx(output, None, engine_args) if args.engine else 0
-        return _engine_from_onnx(Path(args.checkpoint), args.output, engine_args)
+            onnx_path = args.output or Path(str(args.checkpoint)[: -len(".onnx")] + "-int8.onnx")
+            engine_output = None
+            _quantize(Path(args.checkpoint), onnx_path, calibration, args)
+        if args.check_tensorrt and _check_tensorrt(onnx_path, args.trt_version):
+            return 1  # the graph that would be built is the one checked
+        return _engine_from_onnx(onnx_path, engine_output, engine_args) if build else 0
     if args.int8 and not calibration:
         raise InputError("--int8 from a checkpoint needs calibration images: --calib DIR")
     if args.engine:
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
         dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
         exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-        seed=args.seed, **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version else {}),
+        seed=args.seed,
+        **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
     )  # fmt: skip
     if calibration:
         try:
@@ -179,6 +188,41 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_engine(output, **engine_args))
     return 0
+
+
+# engine-only options: without a build they would be ignored silently
+_ENGINE_FLAGS = (("--tf32", "tf32"), ("--plugin-lib", "plugin_lib"), ("--timing-cache", "timing_cache"),
+                 ("--workspace", "workspace"), ("--shapes", "shapes"), ("--no-fp32-layers", "no_fp32_layers"))  # fmt: skip
+
+
+def _check_engine_flags(args, build: bool, from_onnx: bool, calibration: list[Path], height: int, width: int) -> None:
+    """One clear error for engine options given without a build; the build's own options (--workspace, --shapes)
+    checked before anything slow (an export, a quantization)."""
+    given = [flag for flag, name in _ENGINE_FLAGS if getattr(args, name)]
+    if from_onnx:  # for an .onnx input these describe the engine (with --calib, --int8 and -o are the quantization's)
+        given += ["--fp16"] if args.fp16 else []
+        given += [flag for flag, name in (("--int8", "int8"), ("-o", "output")) if getattr(args, name) and not calibration]
+    if given and not build:
+        why = "--check-tensorrt only checks the graph" if args.check_tensorrt else "no engine is built"
+        raise InputError(f"{', '.join(given)}: engine option(s) without an engine build ({why}): add --engine")
+    if not build:
+        return
+    if args.workspace is not None and not (math.isfinite(args.workspace) and args.workspace > 0):
+        raise InputError(f"--workspace must be a positive number of GiB, got {args.workspace}")
+    if from_onnx and not calibration and args.output is not None and args.output.suffix != ".engine":
+        raise InputError(f"-o {args.output}: an engine built from {Path(args.checkpoint).name} is written to a "
+                         ".engine file")  # fmt: skip
+    if args.shapes:
+        from m2f_deploy.export.tensorrt import profile_shapes
+
+        if from_onnx:
+            from m2f_deploy.artifact import read_onnx_metadata
+
+            meta = read_onnx_metadata(Path(args.checkpoint))
+        else:  # the graph the export will write
+            meta = {"input": {"batch": args.batch, "height": height, "width": width, "hw_multiple": HW_MULTIPLE,
+                              "dynamic_batch": not args.static_batch, "dynamic_hw": args.dynamic_shape}}  # fmt: skip
+        profile_shapes(meta, args.shapes)
 
 
 def _calibration_images(args) -> list[Path]:
@@ -217,8 +261,6 @@ def _check_tensorrt(onnx_path: Path, versions: list[str] | None) -> int:
 def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:
     from m2f_deploy.export.tensorrt import build_engine
 
-    if output is not None and output.suffix != ".engine":
-        raise InputError(f"-o {output}: an engine built from {onnx_path.name} is written to a .engine file")
     # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
     print(build_engine(onnx_path, output, **engine_args))
     return 0

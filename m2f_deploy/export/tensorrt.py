@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -137,8 +138,8 @@ def build_engine(
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
     meta = read_onnx_metadata(onnx_path)
     low, opt, high = profile_shapes(meta, shapes)
-    if workspace_gib is not None and workspace_gib <= 0:
-        raise InputError(f"--workspace must be positive (GiB), got {workspace_gib}")
+    if workspace_gib is not None and not (math.isfinite(workspace_gib) and workspace_gib > 0):  # nan passes "<= 0"
+        raise InputError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
     quantized_for = meta.get("exporter", {}).get("int8", {}).get("target", "tensorrt")
     if meta["precision"] == "int8" and quantized_for != "tensorrt":
         raise InputError(f"{onnx_path}: this INT8 graph was quantized for onnxruntime CPU (uint8 activations), "
@@ -152,8 +153,9 @@ def build_engine(
     int8 = int8 or meta["precision"] == "int8"
     fp16 = fp16 or meta["precision"] == "fp16"
     # the static check against TensorRT's documented ONNX support: a node TensorRT would refuse is named here, after
-    # the cheap checks of the arguments and before TensorRT is looked for
-    require_tensorrt_support(onnx_path)
+    # the cheap checks of the arguments and before TensorRT is loaded
+    plugins = bool(plugin_libraries)
+    _check_support(onnx_path, plugins)
 
     trt = _tensorrt()
     from m2f_deploy.runtime.cuda import gpu_info
@@ -171,7 +173,7 @@ def build_engine(
     with tempfile.TemporaryDirectory(prefix=".m2f-trt-", dir=engine_path.parent) as scratch:
         source = onnx_path
         if strong and fp16 and meta["precision"] == "fp32":
-            source = _fp16_graph(onnx_path, Path(scratch))
+            source = _fp16_graph(onnx_path, Path(scratch), plugins)
         pinned: list[str] = []
         network = backend.NetworkFromOnnxPath(str(source), strongly_typed=trt_api.strongly_typed_network_flag(trt))
         if fp32_layers and not strong and (fp16 or int8) and trt_api.can_pin_layers(trt):
@@ -199,7 +201,7 @@ def build_engine(
         "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
         "flags": {"tf32": tf32, "fp16": fp16, "int8": int8, "strongly_typed": strong},
         "builder_flags": config.builder_flags, "pinned_fp32_layers": list(pinned),
-        "plugin_libraries": [str(p) for p in plugin_libraries],
+        "plugin_libraries": [_plugin_path(p) for p in plugin_libraries],
         "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": meta["precision"]},
     }  # fmt: skip
     if source_was_converted := (strong and fp16 and meta["precision"] == "fp32"):
@@ -213,6 +215,15 @@ def build_engine(
     if config.timing_cache is not None:
         _save_timing_cache(config)
     return engine_path
+
+
+def _plugin_path(library: str | os.PathLike) -> str:
+    """A plugin library as the runner will load it: a path (with a separator) made absolute, since the runner may
+    run in another folder; a bare name stays a name for the loader's search path."""
+    text = os.fspath(library)
+    if os.sep in text or (os.altsep and os.altsep in text):
+        return str(Path(text).resolve())
+    return text
 
 
 def _build(backend: Any, network: Any, config: Any, onnx_path: Path, meta: dict[str, Any]) -> Any:
@@ -336,22 +347,30 @@ def _save_timing_cache(config: _Config) -> None:
         log.warning("the engine is written, but the timing cache %s was not updated: %s", path, e)
 
 
-def _fp16_graph(onnx_path: Path, scratch: Path) -> Path:
+def _check_support(model: Any, plugins: bool) -> None:
+    """:func:`require_tensorrt_support` for the installed TensorRT; its notes (deprecations, ops left to the
+    plugin libraries) as warnings."""
+    for finding in require_tensorrt_support(model, plugins=plugins).findings:
+        log.warning("TensorRT support: %s", finding)
+
+
+def _fp16_graph(onnx_path: Path, scratch: Path, plugins: bool = False) -> Path:
     """The fp16 graph (fp32 islands, fp32 inputs and outputs) of an fp32 ``m2f-export`` graph, as ``--fp16`` makes
     it: what a strongly typed TensorRT needs to build an fp16 engine."""
-    try:
+    log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
+    try:  # the conversion too: it imports onnxruntime's float16 converter only when it runs
         import onnx
 
         from m2f_deploy.export.fp16 import to_fp16
+
+        model = to_fp16(onnx.load(str(onnx_path)))
     except ImportError as e:
         raise BackendError(
             f"{onnx_path} is an fp32 graph and this TensorRT builds strongly typed networks: --fp16 first converts "
-            f"it to fp16, which needs the onnx package (pip install 'm2f-deploy[export]'), or export with "
-            f"m2f-export CHECKPOINT --fp16 ({e})"
+            f"it to fp16, which needs the onnx and onnxruntime packages (pip install 'm2f-deploy[export]'), or "
+            f"export with m2f-export CHECKPOINT --fp16 ({e})"
         ) from None
-    log.info("strongly typed TensorRT: converting %s to the fp16 graph first (as m2f-export --fp16 does)", onnx_path)
-    model = to_fp16(onnx.load(str(onnx_path)))
-    require_tensorrt_support(model)  # what TensorRT will parse is this graph: checked like the one given
+    _check_support(model, plugins)  # what TensorRT will parse is this graph: checked like the one given
     out = scratch / f"{onnx_path.stem}-fp16.onnx"
     onnx.save(model, str(out), save_as_external_data=model.ByteSize() > (1 << 31) - (1 << 26))
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +134,12 @@ class Finding:
     op: str
     rule: str
     versions: tuple[str, ...]
-    severity: str = "error"  # "error" (the parser refuses it) or "deprecated" (imported, but going away)
+    # "error" (the parser refuses it), "deprecated" (imported, but going away) or "plugin" (an op the parser has no
+    # importer for, left to the plugin libraries given: its fallback importer looks for a plugin of the op's name)
+    severity: str = "error"
 
     def __str__(self) -> str:
-        note = " (deprecated)" if self.severity == "deprecated" else ""
+        note = {"deprecated": " (deprecated)", "plugin": " (left to the plugin libraries)"}.get(self.severity, "")
         return f"node {self.node!r} ({self.op}): {self.rule}{note} [TensorRT {', '.join(self.versions)}]"
 
 
@@ -328,7 +331,8 @@ def _grid_sample(node, g):
     rank = g.ranks.get(node.input[0])
     if rank is not None and rank != 4:
         if rank == 5:
-            yield "input must be 4-D (5-D from TensorRT 11.2.1)", _before((11, 2))
+            # 11.2.1's release notes add it; versions here are MAJOR.MINOR, so 11.2 (maybe 11.2.0) is not trusted
+            yield "input must be 4-D (5-D from TensorRT 11.2.1: checked as 11.3)", _before((11, 3))
         else:
             yield f"input must be 4-D, is {rank}-D", ALWAYS
 
@@ -473,20 +477,23 @@ def _plugin(node: onnx.NodeProto, g: _Graph) -> Iterator[tuple[str, Callable, st
             yield deprecated, lambda v: v >= PLUGIN_V1_DEPRECATED, "deprecated"
 
 
+UNKNOWN = "unknown"  # no importer for the op: an error, or a "plugin" note when plugin libraries are loaded
+
+
 def _node_checks(node: onnx.NodeProto, g: _Graph) -> Iterator[tuple[str, Callable, str]]:
     if node.op_type == PLUGIN_OP and node.domain not in ("", "ai.onnx"):
         yield from _plugin(node, g)
         return
     if node.domain not in ("", "ai.onnx"):
         yield (f"op of domain {node.domain!r} is neither an ONNX op TensorRT imports nor a known plugin",
-               ALWAYS, "error")  # fmt: skip
+               ALWAYS, UNKNOWN)  # fmt: skip
         return
     if node.op_type in UNSUPPORTED:
-        yield "not supported by TensorRT's ONNX parser", ALWAYS, "error"
+        yield "not supported by TensorRT's ONNX parser", ALWAYS, UNKNOWN
         return
     support = SUPPORTED.get(node.op_type)
     if support is None:
-        yield "not in TensorRT's ONNX operator support matrix (unknown op)", ALWAYS, "error"
+        yield "not in TensorRT's ONNX operator support matrix (unknown op)", ALWAYS, UNKNOWN
         return
     if support.since > MIN_VERSION:
         yield f"imported from TensorRT {support.since[0]}.{support.since[1]}", _before(support.since), "error"
@@ -525,10 +532,12 @@ def _opset_max(version: Version) -> int:
 
 
 def check_tensorrt_support(
-    model: str | os.PathLike | onnx.ModelProto, trt_version: str | Sequence[str] | None = None
+    model: str | os.PathLike | onnx.ModelProto, trt_version: str | Sequence[str] | None = None, *,
+    plugins: bool = False,
 ) -> SupportReport:
     """Check every node of ``model`` against TensorRT's documented ONNX support for ``trt_version`` (e.g. "10.3";
-    several allowed; default :data:`DEFAULT_TARGETS`). Returns the report; nothing is raised for findings."""
+    several allowed; default :data:`DEFAULT_TARGETS`). Returns the report; nothing is raised for findings.
+    plugins: plugin libraries will be loaded (``--plugin-lib``): ops without an importer are notes, not errors."""
     targets = _targets(trt_version)
     try:
         import onnx
@@ -557,36 +566,53 @@ def check_tensorrt_support(
         record(node, op, rule, applies, "error")
     for i, node in enumerate(_all_nodes(g.model.graph)):
         for rule, applies, severity in _node_checks(node, g):
+            if severity == UNKNOWN:
+                severity = "plugin" if plugins else "error"
             record(node.name or f"#{i}", node.op_type, rule, applies, severity)
     findings = [Finding(n, op, rule, tuple(v), severity) for (n, op, rule, severity), v in found.items()]
     return SupportReport(path, tuple(targets), findings)
 
 
 def require_tensorrt_support(
-    model: str | os.PathLike | onnx.ModelProto, trt_version: str | Sequence[str] | None = None
+    model: str | os.PathLike | onnx.ModelProto, trt_version: str | Sequence[str] | None = None, *,
+    plugins: bool = False,
 ) -> SupportReport:
     """:func:`check_tensorrt_support`, raising :class:`TensorRTSupportError` (naming the node and the rule) on a
     finding. Called first thing by every engine build, before TensorRT is looked for. Without ``trt_version``:
-    the installed TensorRT's version (from package metadata, without importing it), else :data:`DEFAULT_TARGETS`.
+    the installed TensorRT's version (:func:`installed_tensorrt_version`), else :data:`DEFAULT_TARGETS`.
     """
     if trt_version is None:
         installed = installed_tensorrt_version()
         if installed is not None and MIN_VERSION <= tuple(map(int, installed.split("."))) < (MAX_MAJOR + 1, 0):
             trt_version = installed
-    report = check_tensorrt_support(model, trt_version)
+    report = check_tensorrt_support(model, trt_version, plugins=plugins)
     report.raise_if_failed()
     return report
 
 
 def installed_tensorrt_version() -> str | None:
-    """The installed TensorRT's MAJOR.MINOR, read from package metadata (TensorRT itself is not imported)."""
+    """The installed TensorRT's MAJOR.MINOR: from package metadata; without any (a system install, e.g. JetPack's
+    python3-libnvinfer), from the module's ``__version__`` (imported only when it is there: the build imports it
+    next anyway). None when TensorRT is not installed or its version cannot be read."""
+    import importlib.util
     from importlib import metadata
 
+    versions = []
     for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt_lean", "tensorrt-libs"):
         try:
-            version = metadata.version(dist)
+            versions.append(metadata.version(dist))
         except metadata.PackageNotFoundError:
             continue
+    if not versions:
+        try:
+            module = sys.modules.get("tensorrt")
+            if module is None and importlib.util.find_spec("tensorrt") is not None:
+                import tensorrt as module
+            if module is not None:
+                versions.append(str(module.__version__))
+        except Exception:  # noqa: BLE001  (a broken install: the build's own import says what is wrong)
+            return None
+    for version in versions:
         parts = version.split(".")
         if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
             return f"{parts[0]}.{parts[1]}"

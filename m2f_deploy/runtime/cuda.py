@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import sys
 from dataclasses import dataclass
 
 from m2f_deploy.errors import BackendError
@@ -63,8 +65,10 @@ def gpu_info(device: int = 0) -> GpuInfo:
 # Polygraphy looks for libcudart.so* on LD_LIBRARY_PATH, in /usr/local/cuda/lib64, /usr/lib, /lib and (0.53+) in the
 # nvidia-cuda-runtime-cu12 wheel's folder. A pip-only TensorRT install may have it elsewhere: the CUDA 13 wheels
 # (nvidia/cu13/lib), a distribution's multiarch folder, JetPack's /usr/local/cuda-*/. We look there too and put the
-# folder found on LD_LIBRARY_PATH (Polygraphy reads it when it first loads the library), or say what is missing.
-CUDART_GLOB = "libcudart.so*"
+# folder found on LD_LIBRARY_PATH (PATH on Windows; Polygraphy reads it when it first loads the library). Found
+# nowhere: a warning, and Polygraphy tries its own search and then the loader's default paths (ld.so.cache).
+WINDOWS = sys.platform.startswith("win")
+CUDART_GLOB = "cudart64_*.dll" if WINDOWS else "libcudart.so*"
 
 
 def cudart_dirs() -> list[str]:
@@ -74,15 +78,18 @@ def cudart_dirs() -> list[str]:
     import site
     import sys
 
-    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
+    dirs = [d for d in os.environ.get("PATH" if WINDOWS else "LD_LIBRARY_PATH", "").split(os.pathsep) if d]
     roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda",
              *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]  # fmt: skip
-    dirs += [os.path.join(r, sub) for r in roots if r for sub in ("lib64", "lib", "targets/x86_64-linux/lib",
-                                                                   "targets/aarch64-linux/lib")]  # fmt: skip
+    subs = ("bin", "bin/x64") if WINDOWS else ("lib64", "lib", "targets/x86_64-linux/lib", "targets/aarch64-linux/lib")
+    dirs += [os.path.join(r, sub) for r in roots if r for sub in subs]
     packages = [*sys.path, *site.getsitepackages(), site.getusersitepackages()]
     for root in dict.fromkeys(p for p in packages if p and os.path.isdir(os.path.join(p, "nvidia"))):
-        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))  # cuda_runtime (cu12), cu13, ...
-    dirs += ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib"]
+        # cuda_runtime (cu12), cu13, ...
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "bin" if WINDOWS else "lib")))
+    dirs += [os.path.join(sys.prefix, "Library", "bin") if WINDOWS else os.path.join(sys.prefix, "lib")]  # conda
+    if not WINDOWS:
+        dirs += ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib"]
     return list(dict.fromkeys(os.path.normpath(d) for d in dirs))
 
 
@@ -98,19 +105,23 @@ def find_cudart(dirs: list[str] | None = None) -> str | None:
     return None
 
 
-def ensure_cudart() -> str:
-    """Make sure Polygraphy's CUDA helpers will find libcudart; returns its path, or :class:`BackendError`."""
+def ensure_cudart() -> str | None:
+    """Make sure Polygraphy's CUDA helpers will find libcudart; returns its path. Not found: a warning and None,
+    and Polygraphy tries its own search, then the loader's default paths (which may know it: ld.so.cache)."""
     import os
 
     path = find_cudart()
     if path is None:
-        raise BackendError(
-            "the CUDA runtime library (libcudart.so) was not found (looked in LD_LIBRARY_PATH, the CUDA toolkit "
-            "folders and pip's nvidia/*/lib): pip install nvidia-cuda-runtime-cu12 (TensorRT 10 for CUDA 12) or "
-            "nvidia-cuda-runtime (CUDA 13), or add the toolkit's lib64 folder to LD_LIBRARY_PATH"
-        )
+        logging.getLogger("m2f_deploy.runtime").warning(
+            "the CUDA runtime library (%s) was not found (looked in %s, the CUDA toolkit folders, pip's nvidia/*/ "
+            "and %s): Polygraphy will try the loader's default paths; if that fails: pip install "
+            "nvidia-cuda-runtime-cu12 (TensorRT 10 for CUDA 12) or nvidia-cuda-runtime (CUDA 13)",
+            CUDART_GLOB, "PATH" if WINDOWS else "LD_LIBRARY_PATH", sys.prefix,
+        )  # fmt: skip
+        return None
     folder = os.path.dirname(path)
-    current = os.environ.get("LD_LIBRARY_PATH", "")
+    variable = "PATH" if WINDOWS else "LD_LIBRARY_PATH"
+    current = os.environ.get(variable, "")
     if folder not in current.split(os.pathsep):
-        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (folder, current) if p)
+        os.environ[variable] = os.pathsep.join(p for p in (folder, current) if p)
     return path

@@ -61,10 +61,17 @@ def polygraphy_trt() -> Any:
 
 
 def polygraphy_quiet(verbose: bool = False) -> None:
-    """Polygraphy logs at INFO on stdout; m2f-deploy keeps stdout for its results."""
+    """Polygraphy logs at INFO and prints everything below CRITICAL (TensorRT's warnings, the ONNX parser's errors)
+    on stdout, which m2f-deploy keeps for its results: only warnings and worse, sent to Python logging under
+    ``m2f_deploy.polygraphy`` (stderr in the CLIs, like our own messages)."""
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.VERBOSE if verbose else G_LOGGER.WARNING
+    if hasattr(type(G_LOGGER), "use_python_logging_system"):  # Polygraphy >= 0.49
+        G_LOGGER.use_python_logging_system = True
+        G_LOGGER.colors = False  # no escape codes in log records (and no "'colored' is not installed" on stdout)
+        G_LOGGER.python_logger = logging.getLogger("m2f_deploy.polygraphy")
+        G_LOGGER.python_logger.setLevel(1 if verbose else logging.NOTSET)
 
 
 def load_plugins(libraries: Sequence[str | Path], where: str) -> None:
