@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from m2f_deploy.artifact import INPUT_NAME, engine_sidecar_path, read_onnx_metadata
+from m2f_deploy.artifact import HW_MULTIPLE, INPUT_NAME, engine_sidecar_path, read_onnx_metadata
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.export.precision import tensorrt_fp32_layer
 from m2f_deploy.export.trt_support import require_tensorrt_support
@@ -61,7 +61,7 @@ def profile_shapes(meta: dict[str, Any], shapes: Sequence[str] | None = None) ->
     """
     inp = meta["input"]
     b, h, w = inp["batch"], inp["height"], inp["width"]
-    multiple = inp.get("hw_multiple", 32)
+    multiple = inp.get("hw_multiple", HW_MULTIPLE)
     if shapes is None:
         batches = (1, b, max(DEFAULT_MAX_BATCH, b)) if inp["dynamic_batch"] else (b, b, b)
         if inp["dynamic_hw"]:

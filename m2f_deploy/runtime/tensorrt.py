@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from m2f_deploy.artifact import INPUT_NAME, check_engine_compatible
+from m2f_deploy.artifact import HW_MULTIPLE, INPUT_NAME, check_engine_compatible
 from m2f_deploy.errors import BackendError, InputError
 from m2f_deploy.runtime import trt_api
 from m2f_deploy.runtime.base import BaseRunner, InputSpec
@@ -133,7 +133,7 @@ class TensorRTRunner(BaseRunner):
         self.dtypes = {n: trt_api.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         low, opt, high = trt_api.profile_shapes(engine, INPUT_NAME, built.get("profile", {}))
         self.profile = (low, opt, high)
-        self.input_spec = InputSpec.from_profile(low, high, meta["input"].get("hw_multiple", 32))
+        self.input_spec = InputSpec.from_profile(low, high, meta["input"].get("hw_multiple", HW_MULTIPLE))
         self.stream = cuda.Stream()
         self.buffers = {n: cuda.DeviceArray(shape=(0,), dtype=self.dtypes[n]) for n in names}
 
