@@ -54,10 +54,6 @@ def can_pin_layers(trt: Any) -> bool:
     return has_weak_typing(trt) and (layer is None or hasattr(layer, "set_output_type"))
 
 
-def has_tf32_flag(trt: Any) -> bool:
-    return hasattr(getattr(trt, "BuilderFlag", None), "TF32")
-
-
 def numpy_dtype(trt: Any, dtype: Any) -> Any:
     """A TensorRT ``DataType`` as a numpy dtype, through Polygraphy's table (it follows TensorRT's versions)."""
     import numpy as np
