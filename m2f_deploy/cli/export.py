@@ -86,7 +86,39 @@ def build_parser() -> Parser:
     c.add_argument("--trt-plugin-version", type=int, choices=(1, 2), default=None,
                    help="--msda trt_plugin: MultiscaleDeformableAttnPlugin_TRT version, 1 (default; TensorRT 10 "
                         "and 11, JetPack 6) or 2 (TensorRT >= 10.11)")
+    t = p.add_argument_group("Triton Inference Server model repository (also from an existing .onnx or .engine)")
+    t.add_argument("--triton-repo", type=Path, metavar="DIR",
+                   help="write a Triton model repository of the result (the engine if one is built) to the new folder "
+                        "DIR: the model, pre/post-processing and an ensemble, configs checked against Triton's schema")
+    t.add_argument("--triton-instances", type=int, default=None, metavar="N", help="model instances (default: 1)")
+    t.add_argument("--triton-device", choices=("gpu", "cpu"), default=None,
+                   help="where the model's instances run (default: gpu)")
+    t.add_argument("--triton-max-batch", type=int, default=None, metavar="N",
+                   help="Triton's max_batch_size (default: the engine profile's max batch; 8 for ONNX)")
     return p
+
+
+def _triton_options(args):
+    """The repository options, or None without --triton-repo (its other flags then are an error)."""
+    given = [f"--triton-{n.replace('_', '-')}" for n in ("instances", "device", "max_batch")
+             if getattr(args, f"triton_{n}") is not None]  # fmt: skip
+    if args.triton_repo is None:
+        if given:
+            raise InputError(f"{', '.join(given)}: option(s) of the Triton repository without --triton-repo DIR")
+        return None
+    from m2f_deploy.serve.repository import RepoOptions, check_new_folder
+
+    check_new_folder(args.triton_repo)  # before anything slow
+    return RepoOptions(instances=1 if args.triton_instances is None else args.triton_instances,
+                       device=args.triton_device or "gpu",
+                       max_batch=args.triton_max_batch).check()  # fmt: skip
+
+
+def _triton_repo(artifact: Path, args, options) -> int:
+    from m2f_deploy.serve.repository import write_repository
+
+    print(write_repository(artifact, args.triton_repo, options))
+    return 0
 
 
 def _tolerances(items: list[str]) -> dict[str, float]:
@@ -124,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.trt_plugin_version is not None and args.msda != "trt_plugin":
         raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
     from_onnx = bool(args.checkpoint) and str(args.checkpoint).endswith(".onnx")
+    triton = _triton_options(args)
+    if args.checkpoint and str(args.checkpoint).endswith(".engine"):
+        if triton is None:
+            raise InputError(f"{args.checkpoint}: an engine is already built; an .engine input is for --triton-repo DIR")
+        return _triton_repo(Path(args.checkpoint), args, triton)
     calibration = _calibration_images(args)
-    # an .onnx input is built into an engine unless it is only checked or quantized (then --engine builds it too)
-    build = args.engine or (from_onnx and not args.check_tensorrt and not calibration)
+    # an .onnx input is built into an engine unless it is only checked, quantized or put in a Triton repository
+    # (then --engine builds it too)
+    build = args.engine or (from_onnx and not args.check_tensorrt and not calibration and triton is None)
     _check_engine_flags(args, build, from_onnx, calibration, height, width)
     if from_onnx:
         onnx_path, engine_output = Path(args.checkpoint), args.output
@@ -136,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             _quantize(Path(args.checkpoint), onnx_path, calibration, args)
         if args.check_tensorrt and _check_tensorrt(onnx_path, args.trt_version):
             return 1  # the graph that would be built is the one checked
-        return _engine_from_onnx(onnx_path, engine_output, engine_args) if build else 0
+        engine = _engine_from_onnx(onnx_path, engine_output, engine_args) if build else None
+        return _triton_repo(engine or onnx_path, args, triton) if triton else 0
     if args.int8 and not calibration:
         raise InputError("--int8 from a checkpoint needs calibration images: --calib DIR")
     if args.engine:
@@ -183,11 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     print(output)
     if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
         return 1
+    engine = None
     if args.engine:
         from m2f_deploy.export.tensorrt import build_engine
 
-        print(build_engine(output, **engine_args))
-    return 0
+        print(engine := build_engine(output, **engine_args))
+    return _triton_repo(engine or output, args, triton) if triton else 0
 
 
 # engine-only options: without a build they would be ignored silently
@@ -258,12 +298,12 @@ def _check_tensorrt(onnx_path: Path, versions: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
-def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:
+def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> Path:
     from m2f_deploy.export.tensorrt import build_engine
 
     # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
-    print(build_engine(onnx_path, output, **engine_args))
-    return 0
+    print(engine := build_engine(onnx_path, output, **engine_args))
+    return Path(engine)
 
 
 def entry() -> None:

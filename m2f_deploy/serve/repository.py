@@ -209,6 +209,11 @@ def max_batch_size(io: ArtifactIO, options: RepoOptions, where: str) -> int:
     return options.max_batch
 
 
+def check_new_folder(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--triton-repo {out}: exists and is not an empty folder (give a new one)")
+
+
 def write_repository(
     artifact: str | os.PathLike, out: str | os.PathLike, options: RepoOptions | None = None, *, validate: str = "auto"
 ) -> Path:
@@ -221,8 +226,7 @@ def write_repository(
     options = (options or RepoOptions()).check()
     if not artifact.is_file():
         raise InputError(f"{artifact}: no such file")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--triton-repo {out}: exists and is not an empty folder (give a new one)")
+    check_new_folder(out)
     io = read_artifact(artifact)
     if io.platform == "tensorrt_plan" and options.device != "gpu":
         raise InputError(f"--triton-device cpu: {artifact.name} is a TensorRT engine, which runs on a GPU only")
