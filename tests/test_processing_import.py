@@ -27,3 +27,21 @@ def test_processing_never_imports_torch():
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_serving_never_imports_torch():
+    """The serving box (m2f-serve, its client, the repository writer and Triton's Python models) has no PyTorch."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import m2f_deploy.serve
+        from m2f_deploy.serve import client, protocol, repository, server, triton_python
+        from m2f_deploy.cli import serve as cli_serve
+        meta = {"input": {"dynamic_hw": False, "height": 64, "width": 64}, "preprocessing": {}}
+        triton_python.Preprocess(meta), triton_python.Postprocess(meta)
+        cli_serve.build_parser()
+        heavy = sorted(m for m in ("torch", "torchvision", "transformers") if m in sys.modules)
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
