@@ -256,6 +256,34 @@ def test_serve_defaults():
     assert (args.host, args.port, args.grpc_port, args.max_batch, args.task) == ("127.0.0.1", 8000, None, 8, None)
 
 
+def test_infer_function_answers_each_image_of_mixed_requests(demo):
+    """The function Triton calls, without Triton: images grouped by task, each bad image answered on its own."""
+    from m2f_deploy.serve.server import InferFunction
+
+    def request(blobs, tasks):
+        n = len(blobs)
+        return {
+            "image": np.array([[b] for b in blobs], dtype=object),
+            "task": np.array([[t.encode()] for t in tasks], dtype=object),
+            **{k: np.full((n, 1), protocol.DEFAULTS[k], np.float32) for k in protocol.THRESHOLDS},
+        }
+
+    png0, png1 = (Path(p).read_bytes() for p in SAMPLES[:2])
+    with Segmenter(demo, batch_size=4) as segmenter:
+        call = InferFunction(segmenter, ("semantic", "panoptic"))
+        first, second = call([request([png0, b"junk", png1], ["semantic", "semantic", "panoptic"]),
+                              request([png1], ["instance"])])  # fmt: skip
+        assert [e[0] for e in first["error"]] == [b"", b"image 1: not an image Pillow can read", b""]
+        assert b"task 'instance' is not served here" in second["error"][0, 0]
+        semantic = protocol.decode_result("semantic", first["segmentation"][0], first["size"][0], "[]")
+        assert np.array_equal(semantic, segmenter.predict(SAMPLES[0], "semantic")[0])
+        panoptic = protocol.decode_result("panoptic", first["segmentation"][2], first["size"][2],
+                                          first["segments_info"][2, 0].decode())  # fmt: skip
+        want = segmenter.predict(SAMPLES[1], "panoptic")[0]
+        assert np.array_equal(panoptic["segmentation"], want["segmentation"])
+        assert panoptic["segments_info"] == want["segments_info"]
+
+
 def test_segmenter_gets_backend_threads_and_max_batch(demo):
     from m2f_deploy.serve.server import ServeOptions, _segmenter
 

@@ -141,23 +141,19 @@ class InferFunction:
 
     @staticmethod
     def _response(results: list[Any], errors: list[str]) -> dict[str, np.ndarray]:
-        count = len(results)
-        task = next((t for t, _ in filter(None, results)), "semantic")
-        good = [r for r in results if r is not None]
-        maps, sizes, infos = protocol.encode_results(task, [r for _, r in good])
-        h, w = maps.shape[1:] if len(good) else (1, 1)
-        segmentation = np.full((count, h, w), protocol.PAD, dtype=np.int64)
-        size = np.zeros((count, 2), dtype=np.int64)
-        info = np.array([[b"[]"]] * count, dtype=object)
-        j = 0
-        for i, r in enumerate(results):
-            if r is None:
-                continue
-            segmentation[i, : maps.shape[1], : maps.shape[2]] = maps[j]
-            size[i] = sizes[j]
-            info[i, 0] = infos[j].encode()
-            j += 1
-        error = np.array([[e.encode()] for e in errors], dtype=object).reshape(count, 1)
+        """One request's tensors: each image encoded on its own (a request may mix tasks), maps padded together."""
+        encoded = [protocol.encode_results(r[0], [r[1]]) if r is not None else None for r in results]
+        sizes = [e[1][0] for e in encoded if e is not None]
+        h, w = np.max(sizes, axis=0) if sizes else (1, 1)
+        segmentation = np.full((len(results), h, w), protocol.PAD, dtype=np.int64)
+        size = np.zeros((len(results), 2), dtype=np.int64)
+        info = np.array([[b"[]"]] * len(results), dtype=object).reshape(len(results), 1)
+        for i, e in enumerate(encoded):
+            if e is not None:
+                maps, sizes_i, infos = e
+                segmentation[i, : sizes_i[0, 0], : sizes_i[0, 1]] = maps[0]
+                size[i], info[i, 0] = sizes_i[0], infos[0].encode()
+        error = np.array([[e.encode()] for e in errors], dtype=object).reshape(len(results), 1)
         return {"segmentation": segmentation, "size": size, "segments_info": info, "error": error}
 
 
