@@ -315,6 +315,25 @@ def test_serve_cli_errors_are_one_line(demo, capsys):
         assert message in err and err.count("\n") == 1, (flags, err)
     assert run("m2f-serve", main, [str(demo.with_name("missing.onnx"))]) == 1
     assert "no such file" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: said at once (Triton itself would only time out)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run("m2f-serve", main, [str(demo), "--port", str(port - 1), "--metrics-port", str(port)]) == 1
+        err = capsys.readouterr().err
+        assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_triton_errors_become_one_line():
+    from m2f_deploy.serve.server import triton_error
+
+    text = ("[400] load failed for model 'm2f': version 1 is at UNAVAILABLE state: Internal: TritonModelException: "
+            "Model initialize error: Traceback (most recent call last):\\n  File \"model.py\", line 419, in "
+            "initialize\\n    x._recursion_count()\\nAttributeError: '_thread.RLock' object has no attribute "
+            "'_recursion_count'\\n\\nAt:\\n  model.py(454): initialize\\n")  # fmt: skip
+    line = triton_error(RuntimeError(text))
+    assert "\n" not in line and line.startswith("[400] load failed for model 'm2f'")
+    assert line.endswith("(AttributeError: '_thread.RLock' object has no attribute '_recursion_count')")
 
 
 @pytest.mark.skipif(find_spec("pytriton") is not None, reason="PyTriton is installed in this interpreter")

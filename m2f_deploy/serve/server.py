@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sysconfig
 import threading
@@ -157,6 +158,39 @@ class InferFunction:
         return {"segmentation": segmentation, "size": size, "segments_info": info, "error": error}
 
 
+def check_ports_free(options: ServeOptions) -> None:
+    """One clear error for a port already taken (Triton itself would only time out at start-up, minutes later)."""
+    import socket
+
+    for flag, port in (("--port", options.http_port), ("--grpc-port", options.grpc_port),
+                       ("--metrics-port", options.metrics_port)):  # fmt: skip
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+            try:
+                s.bind((options.host, port))
+            except OSError as e:
+                raise InputError(f"{flag} {port}: cannot listen on {options.host}:{port} ({e.strerror or e})") from None
+
+
+def _tritonclient_errors() -> tuple[type[Exception], ...]:
+    try:
+        from tritonclient.utils import InferenceServerException
+    except ImportError:
+        return ()
+    return (InferenceServerException,)
+
+
+def triton_error(error: Exception) -> str:
+    """One line from a PyTriton / Triton error, whose text can hold the model's whole traceback: its first line and
+    the last exception the traceback names."""
+    lines = [line.strip() for line in str(error).replace("\\n", "\n").splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    cause = next((line for line in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)), "")
+    first = lines[0].split(" Traceback")[0]
+    return f"{first} ({cause})" if cause and cause not in first else first
+
+
 def serve(
     artifact: str | os.PathLike,
     options: ServeOptions,
@@ -168,8 +202,10 @@ def serve(
     from m2f_deploy.runtime import Segmenter
 
     options.check()
+    check_ports_free(options)
     path = Path(artifact)
     Triton, TritonConfig, ModelConfig, DynamicBatcher, Tensor = pytriton_modules()
+    from pytriton.exceptions import PyTritonError
     # one Segmenter per instance, each running up to max_batch images at once (fewer on a static-batch artifact)
     segmenters = []
     try:
@@ -185,38 +221,44 @@ def serve(
         stop = stop_event or threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with Triton(config=config) as triton:
-                triton.bind(
-                    model_name=options.model_name,
-                    infer_func=[InferFunction(s, options.tasks) for s in segmenters],
-                    inputs=[
-                        Tensor(name="image", dtype=bytes, shape=(1,)),
-                        Tensor(name="task", dtype=bytes, shape=(1,)),
-                        *[Tensor(name=k, dtype=np.float32, shape=(1,)) for k in protocol.THRESHOLDS],
-                    ],
-                    outputs=[
-                        Tensor(name="segmentation", dtype=np.int64, shape=(-1, -1)),
-                        Tensor(name="size", dtype=np.int64, shape=(2,)),
-                        Tensor(name="segments_info", dtype=bytes, shape=(1,)),
-                        Tensor(name="error", dtype=bytes, shape=(1,)),
-                    ],
-                    config=ModelConfig(
-                        max_batch_size=options.max_batch,
-                        batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us),
-                    ),
-                    strict=True,
-                )
-                triton.run()
-                if ready:
-                    ready(
-                        f"serving {path.name} as model '{options.model_name}' ({', '.join(options.tasks)}; "
-                        f"max batch {options.max_batch}, queue delay {options.queue_delay_us} us, "
-                        f"{options.instances} instance(s), {segmenters[0].description}) on "
-                        f"http://{options.host}:{options.http_port} and grpc {options.host}:{options.grpc_port}"
+            try:
+                with Triton(config=config) as triton:
+                    triton.bind(
+                        model_name=options.model_name,
+                        infer_func=[InferFunction(s, options.tasks) for s in segmenters],
+                        inputs=[
+                            Tensor(name="image", dtype=bytes, shape=(1,)),
+                            Tensor(name="task", dtype=bytes, shape=(1,)),
+                            *[Tensor(name=k, dtype=np.float32, shape=(1,)) for k in protocol.THRESHOLDS],
+                        ],
+                        outputs=[
+                            Tensor(name="segmentation", dtype=np.int64, shape=(-1, -1)),
+                            Tensor(name="size", dtype=np.int64, shape=(2,)),
+                            Tensor(name="segments_info", dtype=bytes, shape=(1,)),
+                            Tensor(name="error", dtype=bytes, shape=(1,)),
+                        ],
+                        config=ModelConfig(
+                            max_batch_size=options.max_batch,
+                            batcher=DynamicBatcher(max_queue_delay_microseconds=options.queue_delay_us),
+                        ),
+                        strict=True,
                     )
-                while not stop.wait(0.5):
-                    if not triton.is_alive():
-                        raise BackendError("the Triton server stopped unexpectedly (see its log above)")
+                    triton.run()
+                    if ready:
+                        ready(
+                            f"serving {path.name} as model '{options.model_name}' ({', '.join(options.tasks)}; "
+                            f"max batch {options.max_batch}, queue delay {options.queue_delay_us} us, "
+                            f"{options.instances} instance(s), {segmenters[0].description}) on "
+                            f"http://{options.host}:{options.http_port} and grpc {options.host}:{options.grpc_port}"
+                        )
+                    while not stop.wait(0.5):
+                        if not triton.is_alive():
+                            raise BackendError("the Triton server stopped unexpectedly (see its log above)")
+            except M2FError:
+                raise
+            except (PyTritonError, TimeoutError, OSError) + _tritonclient_errors() as e:
+                # the server did not start (a port in use, ...) or the model did not load
+                raise BackendError(f"Triton could not start or load the model: {triton_error(e)}") from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
