@@ -319,7 +319,9 @@ def test_serve_cli_errors_are_one_line(demo, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert run("m2f-serve", main, [str(demo), "--port", str(port - 1), "--metrics-port", str(port)]) == 1
+        http, metrics = free_ports(2)
+        flags = ["--port", str(http), "--grpc-port", str(port), "--metrics-port", str(metrics)]
+        assert run("m2f-serve", main, [str(demo), *flags]) == 1
         err = capsys.readouterr().err
         assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
 
