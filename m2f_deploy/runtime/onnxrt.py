@@ -205,14 +205,13 @@ def check_graph_matches_metadata(path: Path, meta: dict[str, Any], input_shape: 
     edited or mixed-up artifact) is one error before any image, not a failure per image or results labelled from
     the wrong list (an ``id2label`` shorter than the model's classes writes COCO with unknown category ids)."""
     inp = meta["input"]
-    said = {"batch": None if inp["dynamic_batch"] else inp["batch"]}
-    if not inp["dynamic_hw"]:
-        said.update(height=inp["height"], width=inp["width"])
+    said = {"batch": "dynamic" if inp["dynamic_batch"] else inp["batch"]}
+    said.update({axis: "dynamic" if inp["dynamic_hw"] else inp[axis] for axis in ("height", "width")})
     axes = dict(zip(("batch", "channels", "height", "width"), input_shape))
     for axis, value in said.items():
         real = axes.get(axis)
-        if value is not None and isinstance(real, int) and real != value:
-            raise InputError(f"{path}: its metadata says input {axis} {value}, the graph takes {real} (a metadata "
+        if isinstance(real, int) and real > 0 and real != value:  # a named (str) or unknown axis is dynamic
+            raise InputError(f"{path}: its metadata says input {axis} {value}, the graph takes {real} only (metadata "
                              "that does not match the graph: re-export it)")  # fmt: skip
     classes = (outputs.get("class_queries_logits") or [None])[-1]
     if isinstance(classes, int) and classes != len(meta["id2label"]) + 1:
