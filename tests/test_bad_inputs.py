@@ -701,3 +701,18 @@ def test_bad_api_inputs_raise_input_error(kind, segmenter):
 
 def test_output_error_is_typed():
     assert issubclass(OutputError, M2FError)
+
+
+# -- processor options: the precedence the README states -------------------------------------------------------------
+
+
+def test_legacy_key_alone_is_read_and_its_new_name_wins_when_both_are_given():
+    from m2f_deploy.errors import ConfigError
+
+    assert ImageProcessor(size_divisibility=64).size_divisor == 64
+    assert ImageProcessor(size_divisibility=64, size_divisor=16).size_divisor == 16
+    assert ImageProcessor(reduce_labels=True, ignore_index=255).do_reduce_labels is True
+    assert ImageProcessor(reduce_labels=True, do_reduce_labels=False, ignore_index=255).do_reduce_labels is False
+    assert ImageProcessor(image_mean=0.5).image_mean == (0.5, 0.5, 0.5)  # one number: all three channels
+    with pytest.raises(ConfigError, match="image_mean must be one number or three"):
+        ImageProcessor(image_mean=[0.5])
