@@ -156,8 +156,6 @@ def check_out(out: Path) -> None:
     import os
     import tempfile
 
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a folder")
     existing = out
     while not existing.exists():
         if existing.is_symlink():
