@@ -3,13 +3,14 @@
     nice -n 10 .venv/bin/python benchmarks/soak.py                    # 10,000 calls (the issue-16 run)
     .venv/bin/python benchmarks/soak.py --calls 500 --every 50        # a quick look
 
-The shipped demo checkpoint (``checkpoints/shapes-demo``) is exported once by ``m2f-export`` in a child process (torch never loads
-in the measured one; ``--msda deform_conv``, its 160x160 size) into a temporary folder, unless ``--artifact`` names an ``.onnx`` already exported. The calls
-cycle through the three sample images and the three tasks, through a path, a PIL image and a numpy array in turn,
-so that every entry point of ``predict`` is exercised. RSS, descriptors and threads are read from ``/proc/self``
-(Linux only) every ``--every`` calls. The growth is measured from the end of the warm-up (``--warmup`` calls:
-allocator pools and onnxruntime's arenas fill up there) to the end, and the goal is < 5 %. Prints a markdown
-table to paste into an issue; exits 1 when the goal is missed or descriptors or threads grew.
+The shipped demo checkpoint (``checkpoints/shapes-demo``) is exported once by ``m2f-export`` in a child process
+(torch never loads in the measured one; ``--msda deform_conv``, its 160x160 size) into a temporary folder, unless
+``--artifact`` names an ``.onnx`` already exported. The calls cycle through the three sample images and the three
+tasks, through a path, a PIL image and a numpy array in turn, so that every entry point of ``predict`` is exercised.
+RSS, descriptors and threads are read from ``/proc/self`` (Linux only) every ``--every`` calls. The growth is
+measured from the end of the warm-up (``--warmup`` calls: allocator pools and onnxruntime's arenas fill up there) to
+the end, and the goal is < 5 %. Prints a markdown table to paste into an issue; exits 1 when the goal is missed or
+descriptors or threads grew.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"{100 * (s['rss_kib'] - base['rss_kib']) / base['rss_kib']:+.2f} %" if call >= args.warmup else ""
         print(f"| {call} | {s['rss_kib'] / 1024:.1f} | {rel} | {s['fds']} | {s['threads']} | {seconds:.0f} |")
     print()
-    print(f"RSS growth after warm-up ({args.warmup} calls): {growth:+.2f} % at the end, {peak_growth:+.2f} % at peak "
-          f"(goal < 5 %); fds {base['fds']} -> {last['fds']}; threads {base['threads']} -> {last['threads']}")  # fmt: skip
+    print(f"RSS growth after warm-up ({args.warmup} calls): {growth:+.2f} % at the end, {peak_growth:+.2f} % at "
+          f"peak (goal < 5 %); fds {base['fds']} -> {last['fds']}; threads {base['threads']} -> {last['threads']}")
     ok = peak_growth < 5 and last["fds"] <= base["fds"] and last["threads"] <= base["threads"]
     return 0 if ok else 1
 

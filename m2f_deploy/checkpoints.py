@@ -135,7 +135,9 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
                     raise CheckpointError(f"{f}: refused: it pickles Python objects besides tensors, which "
                                           "m2f-deploy never executes (save the weights as safetensors)") from None
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise CheckpointError(f"{f}: not a readable PyTorch weights file ({type(e).__name__}: {first})") from None
+                raise CheckpointError(
+                    f"{f}: not a readable PyTorch weights file ({type(e).__name__}: {first})"
+                ) from None
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"{f}: expected a flat dict of tensors")
         state.update(part)

@@ -95,7 +95,7 @@ def cli_fails(capsys, argv: list[str], *named: object, cli=predict_cli.main, pro
 
 
 def edited(artifact: Path, folder: Path, edit) -> Path:
-    """A copy of ``artifact`` whose metadata is ``edit(meta)``: a dict (re-encoded), a raw string, or None (no entry)."""
+    """A copy of ``artifact`` whose metadata is ``edit(meta)``: a dict (re-encoded), raw text, or None (no entry)."""
     model = onnx.load(str(artifact))
     meta = json.loads(model.metadata_props[0].value)
     value = edit(meta)
@@ -109,7 +109,7 @@ def edited(artifact: Path, folder: Path, edit) -> Path:
 
 
 def no_temporaries(folder: Path) -> None:
-    left = [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith((".m2f-export-", ".m2f-probe"))]
+    left = [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith((".m2f-export-", ".m2f-pro"))]
     assert not left, left
 
 
@@ -585,7 +585,8 @@ def test_interrupt_mid_run_says_how_many_were_written(artifact, good, tmp_path, 
 
     monkeypatch.setattr(predict_cli, "_predict", interrupted)
     out = tmp_path / "out"
-    code = run("m2f-predict", predict_cli.main, [str(artifact), *map(str, images), "-o", str(out), "-q", "--batch", "1"])
+    argv = [str(artifact), *map(str, images), "-o", str(out), "-q", "--batch", "1"]
+    code = run("m2f-predict", predict_cli.main, argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130
     assert err == [f"m2f-predict: interrupted: the files of 2 image(s) were written to {out}; no COCO JSON was written"]

@@ -79,7 +79,9 @@ class Segmenter:
     ):
         path = Path(artifact)
         check_threads(threads, InputError)  # before onnxruntime gets it
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise InputError(f"batch_size must be a positive whole number or None, got {batch_size!r}")
         if postprocess not in POSTPROCESS:
             raise InputError(
