@@ -132,8 +132,8 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
                 part = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # unpickling errors come in many types
                 if "Weights only load failed" in str(e):  # torch's 7-line text: one line, nothing was executed
-                    raise CheckpointError(f"{f}: refused: it pickles Python objects besides tensors, which "
-                                          "m2f-deploy never executes (save the weights as safetensors)") from None
+                    raise CheckpointError(f"{f}: not a readable PyTorch weights file: refused, it pickles Python "
+                                          "objects besides tensors, which m2f-deploy never executes") from None
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise CheckpointError(
                     f"{f}: not a readable PyTorch weights file ({type(e).__name__}: {first})"
