@@ -6,6 +6,7 @@ dynamic axes, MSDA flavour, precision, outputs, and where it came from.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,67 @@ def parse_metadata(text: str | None, where: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise InputError(f"{where}: '{METADATA_KEY}' metadata lacks {', '.join(missing)}")
+    _check_types(meta, f"{where}: '{METADATA_KEY}' metadata")
     if meta["format_version"] > FORMAT_VERSION:
         raise InputError(
             f"{where}: metadata format {meta['format_version']} is newer than this m2f-deploy understands "
             f"({FORMAT_VERSION}); upgrade m2f-deploy"
         )
-    meta["id2label"] = {int(k): v for k, v in meta["id2label"].items()}
+    meta["id2label"] = _id2label(meta["id2label"], f"{where}: '{METADATA_KEY}' metadata")
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what the runtime reads, by JSON type: a wrong type is one error naming the artifact and the key, not a traceback
+_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "id2label": (dict,), "num_queries": (int,), "preprocessing": (dict,),
+    "input": (dict,), "outputs": (list,), "msda": (str,), "precision": (str,), "fused_heads": (list,),
+}  # fmt: skip
+_INPUT_TYPES: dict[str, tuple[type, ...]] = {
+    "batch": (int,), "height": (int,), "width": (int,), "dynamic_batch": (bool,), "dynamic_hw": (bool,),
+}  # fmt: skip
+_JSON_NAMES = {int: "an integer", dict: "an object", list: "a list", str: "a string", bool: "true or false"}
+
+
+def _check_types(meta: dict[str, Any], where: str) -> None:
+    def check(key: str, value: Any, kinds: tuple[type, ...]) -> None:
+        ok = _is_int(value) if kinds == (int,) else isinstance(value, kinds)
+        if not ok:
+            raise InputError(f"{where}: {key} must be {_JSON_NAMES[kinds[0]]}, got {json.dumps(value)[:60]}")
+
+    for key, kinds in _TYPES.items():
+        check(key, meta[key], kinds)
+    for key, kinds in _INPUT_TYPES.items():
+        if key not in meta["input"]:
+            raise InputError(f"{where}: input lacks {key}")
+        check(f"input.{key}", meta["input"][key], kinds)
+    for key in ("batch", "height", "width"):
+        if meta["input"][key] < 1:
+            raise InputError(f"{where}: input.{key} must be at least 1, got {meta['input'][key]}")
+    if "hw_multiple" in meta["input"]:
+        check("input.hw_multiple", meta["input"]["hw_multiple"], (int,))
+        if meta["input"]["hw_multiple"] < 1:
+            raise InputError(f"{where}: input.hw_multiple must be at least 1, got {meta['input']['hw_multiple']}")
+
+
+def _id2label(raw: dict[str, Any], where: str) -> dict[int, str]:
+    """``{"0": "cat", ...}`` -> ``{0: "cat", ...}``: ids 0..N-1, each once, labels strings."""
+    out: dict[int, str] = {}
+    for key, label in raw.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise InputError(f"{where}: id2label key {key!r} is not a class id (0, 1, ...)")
+        if not isinstance(label, str):
+            raise InputError(f"{where}: id2label[{key}] must be a string, got {json.dumps(label)[:60]}")
+        out[int(key)] = label
+    if not out:
+        raise InputError(f"{where}: id2label is empty")
+    if sorted(out) != list(range(len(out))):
+        gaps = sorted(set(range(max(out) + 1)) - set(out))[:5]
+        raise InputError(f"{where}: id2label must name classes 0..{len(out) - 1}; it lacks {gaps}")
+    return out
 
 
 # -- reading the entry back without the onnx package ---------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +130,17 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
         else:
             try:
-                part = torch.load(f, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch's notice of a pickle protocol > 2: the error below says it all
+                    warnings.simplefilter("ignore", UserWarning)
+                    part = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # unpickling errors come in many types
-                raise CheckpointError(f"{f}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+                if "Weights only load failed" in str(e):  # torch's 7-line text: one line, nothing was executed
+                    raise CheckpointError(f"{f}: not a readable PyTorch weights file: refused, it pickles Python "
+                                          "objects besides tensors, which m2f-deploy never executes") from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise CheckpointError(
+                    f"{f}: not a readable PyTorch weights file ({type(e).__name__}: {first})"
+                ) from None
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"{f}: expected a flat dict of tensors")
         state.update(part)

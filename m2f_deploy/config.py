@@ -225,6 +225,8 @@ class Mask2FormerConfig:
             raise ConfigError(f"{path}: no such file") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         d = parse_json_object(text, str(path), ConfigError)
         try:
             return cls.from_dict(d)

@@ -21,3 +21,7 @@ class InputError(M2FError, ValueError):
 
 class BackendError(M2FError):
     """A requested backend (onnxruntime provider, TensorRT, a GPU) is not installed here or cannot start."""
+
+
+class OutputError(M2FError):
+    """An output that cannot be written: a folder that is a file, read-only, full, or in use by another run."""

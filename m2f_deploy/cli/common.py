@@ -22,8 +22,19 @@ def setup_logging(quiet: bool) -> None:
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; an :class:`M2FError` becomes ``prog: error: ...`` on stderr and exit code 1.
 
+    SIGTERM is handled as SIGINT (a ``KeyboardInterrupt``, exit code 130), so that ``with`` blocks remove their
+    temporary files and folders on ``kill`` too. A command that has written something reports it itself.
     Any other exception is a bug and keeps its traceback.
     """
+    import signal
+    import threading
+
+    def terminate(signum, frame):  # SIGTERM unwinds as Ctrl-C does: temporary files and folders are removed
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return main(argv)
     except M2FError as e:
@@ -32,6 +43,9 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Parser(argparse.ArgumentParser):

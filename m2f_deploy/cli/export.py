@@ -5,14 +5,17 @@ Given an ``.onnx`` file instead of a checkpoint, it builds the TensorRT engine f
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from m2f_deploy.artifact import HW_MULTIPLE
 from m2f_deploy.cli.common import Parser, height_width, run, setup_logging
-from m2f_deploy.errors import InputError
+from m2f_deploy.errors import InputError, OutputError
 
 log = logging.getLogger("m2f_deploy.cli")
 
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if calibration:
             onnx_path = args.output or Path(str(args.checkpoint)[: -len(".onnx")] + "-int8.onnx")
             engine_output = None
-            _quantize(Path(args.checkpoint), onnx_path, calibration, args)
+            with writing(onnx_path):
+                _quantize(Path(args.checkpoint), onnx_path, calibration, args)
         if args.check_tensorrt and _check_tensorrt(onnx_path, args.trt_version):
             return 1  # the graph that would be built is the one checked
         engine = _engine_from_onnx(onnx_path, engine_output, engine_args) if build else None
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     check_export_args(height, width, args.batch, args.msda, args.exporter,
                       args.opset or default_opset(args.exporter, args.msda), dynamic_hw=args.dynamic_shape)  # fmt: skip
     check_output_path(output)
+    report_stale_temporaries(output.parent)
 
     if args.preset:
         from m2f_deploy.modeling import Mask2Former
@@ -206,19 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         log.info("loading %s ...", args.checkpoint)
         model = load_model(args.checkpoint)
     fp32_output = output.with_name(f".{output.stem}-fp32.onnx") if calibration else output
-    export_onnx(
-        model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
-        dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
-        exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-        seed=args.seed,
-        **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
-    )  # fmt: skip
-    if calibration:
-        try:
-            _quantize(fp32_output, output, calibration, args)
-        finally:
-            fp32_output.unlink(missing_ok=True)
-            fp32_output.with_name(fp32_output.name + ".data").unlink(missing_ok=True)
+    with writing(output):
+        export_onnx(
+            model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
+            dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
+            exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
+            seed=args.seed,
+            **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
+        )  # fmt: skip
+        if calibration:
+            try:
+                _quantize(fp32_output, output, calibration, args)
+            finally:
+                fp32_output.unlink(missing_ok=True)
+                fp32_output.with_name(fp32_output.name + ".data").unlink(missing_ok=True)
     print(output)
     if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
         return 1
@@ -228,6 +234,33 @@ def main(argv: list[str] | None = None) -> int:
 
         print(engine := build_engine(output, **engine_args))
     return _triton_repo(engine or output, args, triton) if triton else 0
+
+
+_TEMPORARIES = (".m2f-export-*", ".m2f-int8-*", ".m2f-trt-*", ".*.onnx.*.tmp", ".*-fp32.onnx")
+
+
+@contextmanager
+def writing(output: Path) -> Iterator[None]:
+    """A file-system failure while the graph is written (a full disk, a quota, a folder made read-only) as one
+    :class:`OutputError` naming ``output``; the export's temporary folder is already gone, nothing was published."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EFBIG):
+            raise
+        raise OutputError(f"-o {output}: cannot write ({e.strerror}); nothing was written") from None
+
+
+def report_stale_temporaries(folder: Path) -> list[Path]:
+    """Warn about temporary files and folders an export killed by SIGKILL (or a power cut) left in ``folder``:
+    they are hidden and can be large. They are reported, not removed: another m2f-export may be using them now."""
+    found = sorted({p for pattern in _TEMPORARIES for p in folder.glob(pattern)})
+    if found:
+        size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+        log.warning("%s: %d temporary item(s) (%.1f MB) left by an interrupted m2f-export: %s; remove them unless "
+                    "another m2f-export is running there", folder, len(found), size / 1e6,
+                    ", ".join(p.name for p in found))  # fmt: skip
+    return found
 
 
 # engine-only options: without a build they would be ignored silently

@@ -333,6 +333,8 @@ class ImageProcessor:
         Segments come by score descending (ties: by query, then class), and the highest score wins pixels where
         masks overlap (HF's order depends on how torch was built; the segments and scores are HF's).
         """
+        check_thresholds(threshold=threshold, mask_threshold=mask_threshold,
+                         overlap_mask_area_threshold=overlap_mask_area_threshold)  # fmt: skip
         return self._post(
             "instance_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold, target_sizes,
             return_coco_annotation, return_binary_maps, pixel_mask,
@@ -353,6 +355,8 @@ class ImageProcessor:
         ``segmentation``: ``[H, W]`` int32 segment ids (0: none; float32 -1 everywhere when nothing passes
         ``threshold``, as in HF). ``pixel_mask``: see the semantic method.
         """
+        check_thresholds(threshold=threshold, mask_threshold=mask_threshold,
+                         overlap_mask_area_threshold=overlap_mask_area_threshold)  # fmt: skip
         return self._post(
             "panoptic_segmentation", outputs, threshold, mask_threshold, overlap_mask_area_threshold,
             label_ids_to_fuse, target_sizes, pixel_mask,
@@ -363,6 +367,16 @@ class ImageProcessor:
         if self.postprocess == "reference":
             return getattr(reference, task)(*args)
         return getattr(postprocess, task)(*args, self.workers)
+
+
+def check_thresholds(error: type[Exception] = InputError, **thresholds: Any) -> None:
+    """Each threshold a number in [0, 1]: a score or a share. NaN, a negative value or one above 1 would silently
+    keep every segment or none (HF takes them as given), so they raise ``error`` naming the threshold."""
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise error(f"{name} must be a number in [0, 1], got {value!r}")
+        if not 0 <= value <= 1:  # False for NaN too
+            raise error(f"{name} must be in [0, 1], got {value}")
 
 
 def _check_return_tensors(return_tensors: str | None) -> None:

@@ -5,7 +5,9 @@ torchvision) converts each image to a channel-first array, resizes it with Pillo
 rescales and normalizes it in numpy. The same steps are taken here with the same arithmetic, so results are
 identical. Where HF would fail, we accept more: grayscale (2-D) arrays, 1- and 4-channel images and non-RGB
 Pillow modes are converted to RGB the way HF converts them with ``do_convert_rgb=True`` (white behind
-transparency), and segmentation maps may hold ids above 255.
+transparency), and segmentation maps may hold ids above 255. Where we differ on purpose: a PIL image is taken as a
+viewer shows it (its EXIF orientation applied, as for a path), and 16-bit and float Pillow modes are scaled to
+8 bits as a decoder would (Pillow's own conversion clips them: an all-white or all-black picture).
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ def channels_last_flag(input_data_format: Any) -> bool | None:
 def to_channels_first(array: np.ndarray, name: str, channels_last: bool | None, counts: Sequence[int]) -> np.ndarray:
     """``[C, H, W]`` from a 3-D array; the channel axis is given or inferred as HF infers it (first wins a tie)."""
     if channels_last is None:
+        if array.shape[0] in counts and array.shape[-1] in counts and array.shape[0] != array.shape[-1]:
+            # e.g. [1, W, 3]: one RGB row, or a gray W x 3 picture? HF takes the first axis; a guess, so refused
+            raise InputError(
+                f"{name} has shape {array.shape}: its channel axis could be the first or the last; "
+                "pass input_data_format='channels_last' or 'channels_first'"
+            )
         if array.shape[0] in counts:
             channels_last = False
         elif array.shape[-1] in counts:
@@ -84,24 +92,65 @@ def to_channels_first(array: np.ndarray, name: str, channels_last: bool | None, 
     return np.moveaxis(array, -1, 0) if channels_last else array
 
 
-def pil_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB mode, with white behind transparency (as HF's ``do_convert_rgb=True``)."""
-    if image.mode == "RGB":
+_EXIF_ORIENTATION = 0x0112
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as a viewer shows it: its EXIF orientation applied (``ImageOps.exif_transpose``), else itself.
+
+    The one EXIF rule of the package: image files (``runtime.images.load_image``) and PIL images given to the
+    processor or :class:`~m2f_deploy.runtime.Segmenter` alike. Arrays carry no EXIF and are taken as they are.
+    """
+    from PIL import ImageOps
+
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):  # 0 is invalid: treated as "as stored", as Pillow does
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return image.convert("RGB")
+    return ImageOps.exif_transpose(image)
+
+
+def pil_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """``image`` upright (:func:`upright`) in RGB mode: white behind transparency (as HF's ``do_convert_rgb=True``).
+
+    Modes Pillow's ``convert`` would get wrong are converted as a decoder would: 16-bit gray (``I;16*``, and
+    ``I`` holding 0..65535, as 16-bit PNGs and TIFFs open) is scaled to 8 bits (v / 257, rounded), float gray
+    (``F``, e.g. a float TIFF) holding [0, 1] is scaled by 255; other ``I`` or ``F`` values are refused, as are
+    modes with no RGB conversion. CMYK uses Pillow's conversion (no colour management); a multi-frame image gives
+    the frame it is on (a file: the first). Raises :class:`InputError` naming ``name``.
+    """
+    try:
+        image = upright(image)
+        if image.mode == "RGB":
+            return image
+        if image.mode in _HIGH_BIT_DEPTH or image.mode == "F":
+            image = Image.fromarray(_gray_to_uint8(np.asarray(image), image.mode, name))
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, image.convert("RGBA"))
+        return image.convert("RGB")
+    except InputError:
+        raise
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError) as err:  # no conversion, corrupt EXIF
+        raise InputError(f"{name}: cannot read this {image.mode} image as RGB ({err})") from None
+
+
+def _gray_to_uint8(array: np.ndarray, mode: str, name: str) -> np.ndarray:
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if mode == "F":
+        if not np.isfinite(array).all():
+            raise InputError(f"{name}: float image (mode F) holds NaN or infinite values")
+        if low < 0 or high > 1:
+            raise InputError(f"{name}: float image (mode F) with values in [{low:g}, {high:g}]; expected [0, 1]")
+        return np.round(array.astype(np.float64) * 255).astype(np.uint8)
+    if low < 0 or high > 65535:
+        raise InputError(f"{name}: 32-bit integer image with values in [{low}, {high}]; expected 16-bit 0..65535")
+    return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
 
 
 def to_rgb(image: Any, name: str, channels_last: bool | None) -> np.ndarray:
     """One image as a ``[3, H, W]`` array, dtype as given (bool becomes uint8)."""
     if isinstance(image, Image.Image):
-        try:
-            array = np.asarray(pil_rgb(image))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{name}: cannot read this Pillow image as RGB ({err})") from None
-        array = np.moveaxis(array, -1, 0)
+        array = np.moveaxis(np.asarray(pil_rgb(image, name)), -1, 0)
     elif _is_array_like(image):
         array = _check_dtype(np.asarray(image), name)
         if array.ndim == 2:

@@ -1,10 +1,11 @@
 """The options of HF's ``preprocessor_config.json`` for Mask2Former: parsed, validated, written back.
 
-Keys and defaults are HF's. Legacy keys that HF 4.x configs (and the hub checkpoints) still carry are mapped as
-HF 4.x mapped them: ``max_size`` (the longest edge), ``size_divisibility`` (``size_divisor``), ``reduce_labels``
-(``do_reduce_labels``); an integer ``size`` means the shortest edge, with the longest edge at ``max_size`` or
-1333 (HF 4.x's default; HF 5 keeps only the shortest edge and then cannot resize). Other keys (HF's machinery
-such as ``processor_class`` or ``do_pad``, or anything unknown) are kept and written back untouched;
+Keys and defaults are HF's. Legacy keys that HF 4.x configs (and the hub checkpoints) still carry are mapped as HF
+4.x mapped them: ``max_size`` (the longest edge), ``size_divisibility`` (``size_divisor``), ``reduce_labels``
+(``do_reduce_labels``); given together with its new name, the new name wins (as transformers 5 does: it reads the
+new names only; 4.x let the legacy key win); an integer ``size`` means the shortest edge, with the longest edge at
+``max_size`` or 1333 (HF 4.x's default; HF 5 keeps only the shortest edge and then cannot resize). Other keys (HF's
+machinery such as ``processor_class`` or ``do_pad``, or anything unknown) are kept and written back untouched;
 ``image_processor_type`` is always written as ``Mask2FormerImageProcessor``.
 
 One option is ours: ``canvas`` (``{"height": H, "width": W}``), the fixed input size of a static-shape engine.

@@ -130,6 +130,10 @@ class OnnxRuntimeRunner(BaseRunner):
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [INPUT_NAME]:
             raise InputError(f"{path}: inputs are {inputs}, expected [{INPUT_NAME!r}]")
+        check_graph_matches_metadata(
+            path, meta, self.session.get_inputs()[0].shape,
+            {o.name: o.shape for o in self.session.get_outputs()},
+        )  # fmt: skip
 
     def _session(self, ort: Any, backend: str, plugin: bool, threads: int | None, device_id: int) -> Any:
         options = session_options(ort, threads, precision=self.precision)
@@ -194,3 +198,22 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def close(self) -> None:
         self.session = None
+
+
+def check_graph_matches_metadata(path: Path, meta: dict[str, Any], input_shape: list, outputs: dict[str, list]) -> None:
+    """The graph's own static input axes and class count against what its metadata says: metadata that lies (an
+    edited or mixed-up artifact) is one error before any image, not a failure per image or results labelled from
+    the wrong list (an ``id2label`` shorter than the model's classes writes COCO with unknown category ids)."""
+    inp = meta["input"]
+    said = {"batch": "dynamic" if inp["dynamic_batch"] else inp["batch"]}
+    said.update({axis: "dynamic" if inp["dynamic_hw"] else inp[axis] for axis in ("height", "width")})
+    axes = dict(zip(("batch", "channels", "height", "width"), input_shape))
+    for axis, value in said.items():
+        real = axes.get(axis)
+        if isinstance(real, int) and real > 0 and real != value:  # a named (str) or unknown axis is dynamic
+            raise InputError(f"{path}: its metadata says input {axis} {value}, the graph takes {real} only (metadata "
+                             "that does not match the graph: re-export it)")  # fmt: skip
+    classes = (outputs.get("class_queries_logits") or [None])[-1]
+    if isinstance(classes, int) and classes != len(meta["id2label"]) + 1:
+        raise InputError(f"{path}: the graph scores {classes - 1} classes, its metadata's id2label names "
+                         f"{len(meta['id2label'])} (re-export it)")  # fmt: skip

@@ -20,13 +20,14 @@ import numpy as np
 
 from m2f_deploy.artifact import (
     INPUT_NAME,
+    METADATA_KEY,
     OUTPUT_NAMES,
     read_engine_metadata,
     read_onnx_metadata,
 )
-from m2f_deploy.errors import InputError
+from m2f_deploy.errors import InputError, M2FError
 from m2f_deploy.processing import ImageProcessor
-from m2f_deploy.processing.image_processor import POSTPROCESS
+from m2f_deploy.processing.image_processor import POSTPROCESS, check_thresholds
 from m2f_deploy.processing.images import flat_list
 from m2f_deploy.processing.postprocess.threads import check_threads
 from m2f_deploy.runtime import onnxrt
@@ -78,6 +79,10 @@ class Segmenter:
     ):
         path = Path(artifact)
         check_threads(threads, InputError)  # before onnxruntime gets it
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise InputError(f"batch_size must be a positive whole number or None, got {batch_size!r}")
         if postprocess not in POSTPROCESS:
             raise InputError(
                 f"unknown postprocess {postprocess!r}{did_you_mean(str(postprocess), POSTPROCESS)}; "
@@ -87,10 +92,7 @@ class Segmenter:
             raise InputError(
                 f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose one of {', '.join(BACKENDS)}"
             )
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder; give the .onnx or .engine file m2f-export wrote")
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
+        check_artifact_path(path)
         if path.suffix == ".engine":
             self.metadata = read_engine_metadata(path)
             if backend not in ("auto", "tensorrt"):
@@ -115,9 +117,13 @@ class Segmenter:
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
         self._hw_multiple = self._runner.input_spec.multiple  # what the runner checks inputs against
         canvas = None if self.dynamic_hw else self.input_size
-        self.processor = ImageProcessor(
-            **{**self.metadata["preprocessing"], "canvas": canvas}, postprocess=postprocess, threads=threads
-        )
+        try:
+            self.processor = ImageProcessor(
+                **{**self.metadata["preprocessing"], "canvas": canvas}, postprocess=postprocess, threads=threads
+            )
+        except M2FError as e:
+            self._runner.close()
+            raise InputError(f"{path}: the preprocessing in its '{METADATA_KEY}' metadata: {e}") from None
         default = batch_size or max(inp["batch"], self._batch_range[0])
         low, high = self._batch_range
         if not low <= default <= high and low != high:
@@ -160,22 +166,28 @@ class Segmenter:
         return_coco_annotation: bool = False,
         return_binary_maps: bool = False,
         timings: dict[str, float] | None = None,
+        input_data_format: str | None = None,
     ) -> list[Any]:
         """Results for ``images`` (an image file's path, a PIL image, an ``[H, W, 3]`` array, or a list of them).
 
         The structures are the post-processes' (:class:`~m2f_deploy.processing.ImageProcessor`) at each image's own
         size: semantic ``[H, W]`` int64 class ids; instance and panoptic ``{"segmentation", "segments_info"}``.
         ``timings``, when given, accumulates seconds under ``preprocess``, ``inference`` and ``postprocess``.
+        The thresholds are numbers in [0, 1] (checked before any work). PIL images and files are taken upright (their
+        EXIF orientation applied); an array whose channel axis could be the first or the last (``[1, W, 3]``) needs
+        ``input_data_format`` (``"channels_last"`` or ``"channels_first"``).
         """
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of {', '.join(TASKS)}")
+        check_thresholds(threshold=threshold, mask_threshold=mask_threshold,
+                         overlap_mask_area_threshold=overlap_mask_area_threshold)  # fmt: skip
         items = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in flat_list(images, "images", 3)]
         clock = timings if timings is not None else {}
         results: list[Any] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             with timed(clock, "preprocess"):
-                inputs = self.processor.preprocess(chunk)
+                inputs = self.processor.preprocess(chunk, input_data_format=input_data_format)
                 pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
             with timed(clock, "inference"):
                 outputs = self.infer(pixel_values)
@@ -214,6 +226,16 @@ class Segmenter:
             pixel_values = np.pad(pixel_values, ((0, pad_b), (0, 0), (0, pad_h), (0, pad_w)))
             pixel_mask = np.pad(pixel_mask, ((0, pad_b), (0, pad_h), (0, pad_w)))
         return pixel_values, pixel_mask
+
+
+def check_artifact_path(path: Path) -> None:
+    """One :class:`InputError` when ``path`` cannot be an artifact file: missing, a folder, a dangling link."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file; give the .onnx or .engine file m2f-export wrote")
+    if not path.exists():
+        raise InputError(f"{path}: {'a dangling link' if path.is_symlink() else 'no such file'}")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a FIFO, socket or device)")
 
 
 @contextmanager
