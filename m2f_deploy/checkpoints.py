@@ -29,6 +29,7 @@ UNUSED_KEYS: dict[str, str] = {
     r"criterion\.empty_weight": "loss weight, training only",
     r"model\.pixel_level_module\.encoder\.swin\.layernorm\.(weight|bias)": "final Swin LayerNorm, unused by the backbone",
     r".*\.attention\.self\.relative_position_index": "derived from window_size",
+    r".*\.normalization\.num_batches_tracked": "batch-norm step counter, training only",
 }
 _UNUSED = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS))
 
