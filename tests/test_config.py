@@ -49,7 +49,7 @@ def test_reads_what_transformers_writes(tmp_path):
 @pytest.mark.parametrize(
     "edit,pattern",
     [
-        (lambda d: d["backbone_config"].update(model_type="resnet"), "backbone 'resnet' is not supported"),
+        (lambda d: d["backbone_config"].update(model_type="convnext"), "backbone 'convnext' is not supported"),
         (lambda d: d["backbone_config"].update(depths=[2, 2]), "4-stage Swin"),
         (lambda d: d.update(activation_function="silu"), "activation_function 'silu' is not supported"),
         (lambda d: d.update(feature_size=48, num_attention_heads=8), "multiple of 32"),
