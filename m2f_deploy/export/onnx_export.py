@@ -347,6 +347,11 @@ def export_onnx(
                 from m2f_deploy.export.fp16 import to_fp16
 
                 graph = to_fp16(graph)
+        # TorchScript can leave value_info of undefined element type behind a custom op (seen on the plugin node of
+        # the first decoder layer behind a ResNet): optional hints, but onnxruntime refuses a graph holding them
+        typed = [v for v in graph.graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED]
+        del graph.graph.value_info[:]
+        graph.graph.value_info.extend(typed)
         meta = build_metadata(
             id2label=config.id2label, num_queries=config.num_queries, preprocessing=_preprocessing(model, processor),
             height=height, width=width, batch=batch, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,

@@ -8,18 +8,20 @@ first block, which is transformers' ``downsample_in_bottleneck=False``; both are
 Batch norm is frozen (inference only) and folded: each convolution runs with ``weight * scale`` and the bias
 ``bias - running_mean * scale``, ``scale = gamma / sqrt(running_var + eps)``. The folded weights are computed from the
 checkpoint's tensors inside ``forward``, so the state dict keeps the four batch-norm tensors under transformers' names
-(what :func:`~m2f_deploy.checkpoints.save_checkpoint` writes back) while a traced graph holds one ``Conv`` with
-constant weights and bias per layer: the exporter's constant folding evaluates the product once.
+(what :func:`~m2f_deploy.checkpoints.save_checkpoint` writes back); while a graph is traced they are computed
+outside it, so the graph holds one ``Conv`` with constant (folded) weights and bias per layer and no batch norm.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2f_deploy.config import ResNetConfig
-from m2f_deploy.modeling.layers import activation
+from m2f_deploy.modeling.layers import activation, tracing
 
 BN_EPS = 1e-5  # torch's BatchNorm2d default (transformers) and detectron2's FrozenBatchNorm2d
 
@@ -54,9 +56,12 @@ class ResNetConvLayer(nn.Module):
         self.activation = activation(act) if act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        scale, shift = self.normalization.scale_shift()
         conv = self.convolution
-        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        with torch.no_grad() if tracing() else contextlib.nullcontext():
+            scale, shift = self.normalization.scale_shift()
+            weight = conv.weight * scale.view(-1, 1, 1, 1)
+        if tracing():  # folded here: the graph gets constants, not a product of constants to fold
+            weight, shift = weight.detach(), shift.detach()
         return self.activation(F.conv2d(x, weight, shift, conv.stride, conv.padding))
 
 
