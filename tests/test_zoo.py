@@ -329,3 +329,26 @@ def test_every_zoo_entry_builds_with_its_dataset_labels():
     big = zoo_config("ade20k-semantic/maskformer2_swin_large_IN21k_384_bs16_160k_res640")
     assert big.preprocessing["size"] == {"shortest_edge": 640, "longest_edge": 2560}
     assert zoo_config("coco-instance/maskformer2_R50_bs16_50ep", num_queries=50).config.num_queries == 50
+
+
+def test_cli_zoo_overrides_reach_the_config(tmp_path, monkeypatch, capsys):
+    import m2f_deploy.zoo
+
+    asked = {}
+
+    def recording_zoo_config(name, **overrides):
+        asked.update(name=name, **overrides)
+        raise ConfigError("recorded")  # stop before any loading
+
+    monkeypatch.setattr(m2f_deploy.zoo, "zoo_config", recording_zoo_config)
+    names = tmp_path / "labels.json"
+    names.write_text('["road", "car"]')
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(b"")
+    args = [str(pkl), "--zoo-config", "cityscapes-semantic/maskformer2_R50_bs16_90k", "-o", str(tmp_path / "x.onnx")]
+    assert run("m2f-export", export_main, [*args, "--num-queries", "50", "--labels", str(names)]) == 1
+    assert asked == {"name": args[2], "num_queries": 50, "id2label": {0: "road", 1: "car"}}
+    names.write_text('{"0": "road"}')
+    capsys.readouterr()
+    assert run("m2f-export", export_main, [*args, "--labels", str(names)]) == 1
+    assert "expected a JSON list of class names" in capsys.readouterr().err
