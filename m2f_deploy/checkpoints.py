@@ -68,6 +68,8 @@ def resolve(path_or_id: str | os.PathLike, zoo_config: Any = None) -> Checkpoint
     """Find the config and weight files of a local folder or a hub id (downloaded), or pair a detectron2
     ``.pkl`` / ``.pth`` file with ``zoo_config`` (a :mod:`m2f_deploy.zoo` name or a :class:`~m2f_deploy.zoo.ZooConfig`)."""
     path = Path(path_or_id)
+    if path.suffix in DETECTRON2_SUFFIXES and not path.exists():
+        raise CheckpointError(f"{path}: no such file")
     if path.is_file() and path.suffix in DETECTRON2_SUFFIXES:
         if zoo_config is None:
             raise CheckpointError(

@@ -291,6 +291,7 @@ def test_detectron2_errors_are_one_line(r50_dir, r50_model, tmp_path, capsys):
          "did you mean 'coco-panoptic/maskformer2_R50_bs16_50ep'"),
         ([str(r50_dir), "--zoo-config", "coco-panoptic/maskformer2_R50_bs16_50ep"], "is for an original (detectron2)"),
         ([str(pkl), "--num-queries", "5"], "override a --zoo-config"),
+        ([str(tmp_path / "missing.pkl"), "--zoo-config", "coco-panoptic/maskformer2_R50_bs16_50ep"], "no such file"),
         # the real R50 config against the tiny file: shapes do not match, named
         ([str(pkl), "--zoo-config", "coco-panoptic/maskformer2_R50_bs16_50ep"], "wrongly shaped keys"),
         ([str(pkl), "--zoo-config", "coco-panoptic/maskformer2_swin_tiny_bs16_50ep"],
@@ -352,3 +353,21 @@ def test_cli_zoo_overrides_reach_the_config(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert run("m2f-export", export_main, [*args, "--labels", str(names)]) == 1
     assert "expected a JSON list of class names" in capsys.readouterr().err
+
+
+def test_unpickler_allows_names_not_modules(tmp_path):
+    """The allow-list is of (module, name) pairs: numpy itself is not trusted, nor _codecs beyond latin-1."""
+    from m2f_deploy.checkpoints import read_detectron2
+
+    path = tmp_path / "m.pkl"
+    path.write_bytes(pickle.dumps({"model": {"a": _Payload(np.load, str(tmp_path / "x.npy"))}}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"refused pickled global numpy\.load "):
+        read_detectron2(path)
+    # _codecs.encode("abc", "zlib"): allowed only as the latin-1 bytes of protocol-2 pickles
+    path.write_bytes(b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x04\x00\x00\x00zlib\x86R.")
+    with pytest.raises(CheckpointError, match="only latin1 is allowed"):
+        read_detectron2(path)
+    raw = pickle.dumps({"model": {"w": b"abc"}}, protocol=2)  # protocol 2 stores bytes as _codecs.encode(s, "latin1")
+    assert b"c_codecs\nencode" in raw
+    path.write_bytes(raw)
+    assert read_detectron2(path) == {"w": b"abc"}
