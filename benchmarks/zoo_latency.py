@@ -41,7 +41,7 @@ def main() -> None:
             folder.mkdir()
             targets[preset] = prepare_target(None, preset=preset, height=args.size, width=args.size, fp16=False,
                                              workdir=folder, int8=True)  # fmt: skip
-            plans[preset] = plan_rows(targets[preset], ("cpu",), (1,))
+            plans[preset] = plan_rows(targets[preset], ("cpu",), (1,), end_to_end=False, tasks=())
         before = matmul_gflops(args.threads)
         seconds = {(p, i): [] for p in args.presets for i in range(len(plans[p]))}
         per_round = [args.runs // args.rounds + (r < args.runs % args.rounds) for r in range(args.rounds)]
