@@ -2,20 +2,27 @@
 
 Accepted: a local Hugging Face folder (``config.json`` plus ``model.safetensors``, sharded
 safetensors with ``model.safetensors.index.json``, or ``pytorch_model.bin`` read with
-``weights_only=True``), or a hub id when ``huggingface_hub`` is installed and the hub is
-reachable. Loading is strict: every parameter is filled and every checkpoint key is used, except
+``weights_only=True``), a hub id when ``huggingface_hub`` is installed and the hub is
+reachable, or an original Mask2Former (detectron2) file, ``.pkl`` or ``.pth``, with a model-zoo
+config (:mod:`m2f_deploy.zoo`). A ``.pkl`` is read by :class:`ZooUnpickler`, which builds only
+containers and numpy arrays and refuses every other pickled object before it runs; a ``.pth`` by
+``torch.load(weights_only=True)``. Loading is strict: every parameter is filled and every checkpoint key is used, except
 the few keys listed in :data:`UNUSED_KEYS`, which are skipped by name on purpose.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +37,7 @@ UNUSED_KEYS: dict[str, str] = {
     r"criterion\.empty_weight": "loss weight, training only",
     r"model\.pixel_level_module\.encoder\.swin\.layernorm\.(weight|bias)": "final Swin LayerNorm, unused by the backbone",
     r".*\.attention\.self\.relative_position_index": "derived from window_size",
+    r".*\.normalization\.num_batches_tracked": "batch-norm step counter, training only",
 }
 _UNUSED = re.compile("|".join(f"(?:{p})" for p in UNUSED_KEYS))
 
@@ -49,17 +57,36 @@ class Checkpoint:
     folder: Path
     config: Mask2FormerConfig
     weight_files: list[Path] = field(default_factory=list)
+    # detectron2 files only: the model-zoo config's name and its preprocessing (processor keys)
+    zoo_config: str | None = None
+    preprocessing: dict[str, Any] | None = None
 
 
-def resolve(path_or_id: str | os.PathLike) -> Checkpoint:
-    """Find the config and weight files of a local folder or a hub id (downloaded)."""
+DETECTRON2_SUFFIXES = (".pkl", ".pth", ".pt")
+
+
+def resolve(path_or_id: str | os.PathLike, zoo_config: Any = None) -> Checkpoint:
+    """Find the config and weight files of a local folder or a hub id (downloaded), or pair a detectron2
+    ``.pkl`` / ``.pth`` file with ``zoo_config`` (a :mod:`m2f_deploy.zoo` name or a :class:`~m2f_deploy.zoo.ZooConfig`)."""
     path = Path(path_or_id)
-    if path.is_file():
-        if path.suffix in (".pkl", ".pth", ".pt"):
+    if path.suffix in DETECTRON2_SUFFIXES and not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_file() and path.suffix in DETECTRON2_SUFFIXES:
+        if zoo_config is None:
             raise CheckpointError(
-                f"{path}: original (detectron2) Mask2Former checkpoints are not supported yet; "
-                "give a Hugging Face checkpoint folder"
+                f"{path}: an original (detectron2) Mask2Former file carries no architecture; give its model-zoo "
+                "config (m2f-export --zoo-config NAME, or load_model(path, zoo_config=NAME))"
             )
+        from m2f_deploy.zoo import ZooConfig, zoo_config as lookup
+
+        zoo = zoo_config if isinstance(zoo_config, ZooConfig) else lookup(str(zoo_config))
+        return Checkpoint(path.parent, zoo.config, [path], zoo.name, zoo.preprocessing)
+    if zoo_config is not None:
+        raise CheckpointError(
+            f"{path}: a model-zoo config is for an original (detectron2) .pkl / .pth file, not for this "
+            "checkpoint (a Hugging Face folder carries its own config.json)"
+        )
+    if path.is_file():
         raise CheckpointError(f"{path}: is a file; give the checkpoint folder (with config.json and weights)")
     if not path.exists():
         if _HUB_ID.match(str(path_or_id)) and not str(path_or_id).startswith("."):
@@ -147,6 +174,85 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+# What a model-zoo .pkl may reference: (module, name) -> where to find it. Anything else is refused before it is
+# imported or called. numpy 1.x pickles name numpy.core.*, numpy 2.x numpy._core.*; each resolves to whichever this
+# numpy has. Protocol-2 pickles (detectron2's Python-2 era files) write bytes as _codecs.encode(str, "latin1").
+_NUMPY_PRIVATE = {"multiarray": ("_reconstruct", "scalar"), "numeric": ("_frombuffer",)}
+_ALLOWED_GLOBALS: dict[tuple[str, str], tuple[str, ...]] = {
+    **{
+        (f"{core}.{module}", name): (f"numpy._core.{module}", f"numpy.core.{module}")
+        for core in ("numpy.core", "numpy._core")
+        for module, names in _NUMPY_PRIVATE.items()
+        for name in names
+    },
+    ("numpy", "ndarray"): ("numpy",),
+    ("numpy", "dtype"): ("numpy",),
+    ("collections", "OrderedDict"): ("collections",),
+}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` restricted to what protocol-2 pickles use it for: a str of bytes back to bytes."""
+    if encoding.replace("-", "").lower() != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only latin1 is allowed)")
+    return text.encode("latin1")
+
+
+class ZooUnpickler(pickle.Unpickler):
+    """Unpickles a detectron2 model-zoo ``.pkl``: dicts, lists, tuples, strings, numbers and numpy arrays.
+
+    ``find_class`` is the only way a pickle reaches code; it returns the few numpy reconstruction functions
+    above and refuses every other name, so a pickle that would call ``os.system`` (or anything) fails before
+    the call. Persistent ids (torch storages) are refused by :class:`pickle.Unpickler` itself.
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        homes = _ALLOWED_GLOBALS.get((module, name))
+        if homes is None:
+            raise pickle.UnpicklingError(f"refused pickled global {module}.{name}")
+        for home in homes:
+            try:
+                return getattr(importlib.import_module(home), name)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"{module}.{name} is not in this numpy")
+
+
+def read_detectron2(path: Path) -> dict[str, Any]:
+    """The ``model`` state dict of a detectron2 checkpoint: name -> numpy array (``.pkl``) or tensor (``.pth``).
+
+    A ``.pkl`` goes through :class:`ZooUnpickler` (never a general ``pickle.load``); a ``.pth`` (or a ``.pkl`` that is
+    really a PyTorch zip file) through ``torch.load(weights_only=True)``. Both accept the ``{"model": ...}`` envelope
+    (plus ``__author__``, ``matching_heuristics``, or a training run's ``optimizer`` / ``iteration``) or a bare dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".pkl" and not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                obj = ZooUnpickler(f, encoding="latin1").load()
+        else:
+            with warnings.catch_warnings():  # torch's notice of a pickle protocol > 2: the error below says it all
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except pickle.UnpicklingError as e:
+        # torch.load(weights_only=True) explains at length: keep the global it refused
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = f"refused pickled global {found.group(1)}" if found else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused, not executed: {why} (a model-zoo checkpoint holds only dicts and arrays)"
+        ) from None
+    except Exception as e:  # a truncated or foreign file: pickle and torch raise many types
+        raise CheckpointError(f"{path}: not a readable detectron2 checkpoint ({type(e).__name__}: {e})") from None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state):
+        raise CheckpointError(f"{path}: expected a dict of named weights (under 'model'), got {type(obj).__name__}")
+    return state
+
+
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
@@ -204,17 +310,29 @@ def save_checkpoint(model: Mask2Former, folder: str | os.PathLike) -> Path:
 
 
 def load_model(
-    path_or_id: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path_or_id: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    zoo_config: Any = None,
 ) -> Mask2Former:
     """Load a checkpoint into the reference model, in eval mode, on ``device`` in ``dtype``.
 
+    ``zoo_config`` (a :mod:`m2f_deploy.zoo` name or :class:`~m2f_deploy.zoo.ZooConfig`) is required for, and only
+    for, an original detectron2 ``.pkl`` / ``.pth`` file, whose weights are renamed to our (Hugging Face) layout.
     The model carries ``.checkpoint`` (the resolved :class:`Checkpoint`) and
     ``.skipped_checkpoint_keys`` for exporters and reports.
     """
-    ckpt = resolve(path_or_id)
-    state = read_state_dict(ckpt.weight_files)
+    ckpt = resolve(path_or_id, zoo_config)
     model = Mask2Former(ckpt.config)
     source = str(ckpt.weight_files[0] if len(ckpt.weight_files) == 1 else ckpt.folder)
-    model.skipped_checkpoint_keys = load_state_dict_strict(model, state, source)
+    if ckpt.zoo_config is not None:
+        from m2f_deploy.detectron2 import convert_state_dict
+
+        state, skipped = convert_state_dict(read_detectron2(ckpt.weight_files[0]), ckpt.config, source)
+        model.skipped_checkpoint_keys = skipped + load_state_dict_strict(model, state, source)
+    else:
+        state = read_state_dict(ckpt.weight_files)
+        model.skipped_checkpoint_keys = load_state_dict_strict(model, state, source)
     model.checkpoint = ckpt
     return model.to(device=device, dtype=dtype).eval()

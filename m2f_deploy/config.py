@@ -1,4 +1,4 @@
-"""Mask2Former and Swin configuration: read and write Hugging Face ``config.json`` (no torch).
+"""Mask2Former, Swin and ResNet configuration: read and write Hugging Face ``config.json`` (no torch).
 
 Only the fields that change inference are typed attributes. Everything else in a config.json
 (training weights, ``architectures``, ``transformers_version``, ...) is kept verbatim in
@@ -18,10 +18,11 @@ from typing import Any
 from m2f_deploy.errors import ConfigError
 from m2f_deploy.utils import atomic_write_text, parse_json_object
 
-SUPPORTED_BACKBONES = ("swin",)
+SUPPORTED_BACKBONES = ("swin", "resnet")
 SUPPORTED_ACTIVATIONS = ("relu", "gelu")
 SWIN_STAGES = ("stage1", "stage2", "stage3", "stage4")
 _SWIN_DERIVED = ("num_layers", "hidden_size", "stage_names", "out_indices")
+_RESNET_DERIVED = ("stage_names", "out_indices")
 
 
 def _fields(cls) -> set[str]:
@@ -97,10 +98,8 @@ class SwinConfig:
     def from_dict(cls, d: dict[str, Any]) -> SwinConfig:
         d = dict(d)
         model_type = d.pop("model_type", "swin")
-        if model_type not in SUPPORTED_BACKBONES:
-            raise ConfigError(
-                f"backbone {model_type!r} is not supported (supported: {', '.join(SUPPORTED_BACKBONES)})"
-            )
+        if model_type != "swin":
+            raise ConfigError(f"backbone {model_type!r} is not a Swin config")
         for derived in _SWIN_DERIVED:  # recomputed by to_dict
             d.pop(derived, None)
         known = _fields(cls) - {"extra"}
@@ -119,10 +118,96 @@ class SwinConfig:
 
 
 @dataclass
+class ResNetConfig:
+    """The ResNet backbone, as transformers' ``ResNetConfig`` describes it (read through ``AutoBackbone``).
+
+    Mask2Former's ResNets (detectron2's ``build_resnet_backbone`` with ``STRIDE_IN_1X1: False``) are bottleneck
+    ResNets whose stride sits in the 3x3 convolution: transformers' ``downsample_in_bottleneck=False``.
+    """
+
+    num_channels: int = 3
+    embedding_size: int = 64
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    layer_type: str = "bottleneck"
+    hidden_act: str = "relu"
+    downsample_in_first_stage: bool = False
+    downsample_in_bottleneck: bool = False
+    out_features: list[str] = field(default_factory=lambda: list(SWIN_STAGES))
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    model_type = "resnet"
+
+    def __post_init__(self) -> None:
+        self.depths = [int(d) for d in self.depths]
+        self.hidden_sizes = [int(h) for h in self.hidden_sizes]
+        self.out_features = list(self.out_features)
+        self.validate()
+
+    def validate(self) -> None:
+        if len(self.depths) != 4 or len(self.hidden_sizes) != 4 or min(self.depths) < 1:
+            raise ConfigError(
+                f"backbone_config: Mask2Former needs a 4-stage ResNet, got depths={self.depths} "
+                f"hidden_sizes={self.hidden_sizes}"
+            )
+        if self.out_features != list(SWIN_STAGES):
+            raise ConfigError(
+                f"backbone_config.out_features must be {list(SWIN_STAGES)} for Mask2Former, got {self.out_features}"
+            )
+        if self.layer_type != "bottleneck":
+            raise ConfigError(f"backbone_config.layer_type {self.layer_type!r} is not supported (supported: bottleneck)")
+        if any(h % 4 for h in self.hidden_sizes):
+            raise ConfigError(f"backbone_config.hidden_sizes must be multiples of 4 (bottleneck), got {self.hidden_sizes}")
+        if self.downsample_in_first_stage:
+            raise ConfigError("backbone_config.downsample_in_first_stage=true gives strides 8-64; Mask2Former needs 4-32")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"backbone_config.hidden_act {self.hidden_act!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
+            )
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of the four feature maps (stride 4, 8, 16, 32)."""
+        return list(self.hidden_sizes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResNetConfig:
+        d = dict(d)
+        if d.pop("model_type", "resnet") != "resnet":
+            raise ConfigError("not a ResNet config")
+        for derived in _RESNET_DERIVED:
+            d.pop(derived, None)
+        known = _fields(cls) - {"extra"}
+        kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        return cls(**kwargs, extra=d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        d.update({k: getattr(self, k) for k in _fields(self) if k != "extra"})
+        d["model_type"] = self.model_type
+        d["stage_names"] = ["stem", *SWIN_STAGES]
+        d["out_indices"] = [1, 2, 3, 4]
+        return d
+
+
+BackboneConfig = SwinConfig | ResNetConfig
+_BACKBONES: dict[str, type] = {"swin": SwinConfig, "resnet": ResNetConfig}
+
+
+def backbone_config_from_dict(d: dict[str, Any]) -> BackboneConfig:
+    """A ``backbone_config`` of a config.json by its ``model_type`` (Swin when absent)."""
+    model_type = d.get("model_type", "swin")
+    if model_type not in _BACKBONES:
+        raise ConfigError(f"backbone {model_type!r} is not supported (supported: {', '.join(SUPPORTED_BACKBONES)})")
+    return _BACKBONES[model_type].from_dict(d)
+
+
+@dataclass
 class Mask2FormerConfig:
     """transformers' ``Mask2FormerConfig``: the fields that change inference, plus ``id2label``."""
 
-    backbone_config: SwinConfig = field(default_factory=SwinConfig)
+    backbone_config: BackboneConfig = field(default_factory=SwinConfig)
     feature_size: int = 256
     mask_feature_size: int = 256
     hidden_dim: int = 256
@@ -146,7 +231,7 @@ class Mask2FormerConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone_config, dict):
-            self.backbone_config = SwinConfig.from_dict(self.backbone_config)
+            self.backbone_config = backbone_config_from_dict(self.backbone_config)
         self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
         self.feature_strides = [int(s) for s in self.feature_strides]
         self.validate()
@@ -195,7 +280,10 @@ class Mask2FormerConfig:
         backbone = d.pop("backbone_config", None)
         if backbone is None:
             if d.get("backbone") not in (None, "swin") or d.get("use_timm_backbone"):
-                raise ConfigError(f"backbone {d.get('backbone')!r} is not supported (supported: swin)")
+                raise ConfigError(
+                    f"backbone {d.get('backbone')!r} without a backbone_config is not supported (supported: swin, "
+                    "or a backbone_config of model_type swin or resnet)"
+                )
             # transformers' default backbone for Mask2Former: Swin with depths 2-2-18-2.
             backbone = {"depths": [2, 2, 18, 2], "drop_path_rate": 0.3}
         if "id2label" not in d and "num_labels" in d:
@@ -204,7 +292,7 @@ class Mask2FormerConfig:
         d.pop("label2id", None)
         known = _fields(cls) - {"extra", "backbone_config"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
-        return cls(backbone_config=SwinConfig.from_dict(backbone), **kwargs, extra=d)
+        return cls(backbone_config=backbone_config_from_dict(backbone), **kwargs, extra=d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra)

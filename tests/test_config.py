@@ -49,7 +49,7 @@ def test_reads_what_transformers_writes(tmp_path):
 @pytest.mark.parametrize(
     "edit,pattern",
     [
-        (lambda d: d["backbone_config"].update(model_type="resnet"), "backbone 'resnet' is not supported"),
+        (lambda d: d["backbone_config"].update(model_type="convnext"), "backbone 'convnext' is not supported"),
         (lambda d: d["backbone_config"].update(depths=[2, 2]), "4-stage Swin"),
         (lambda d: d.update(activation_function="silu"), "activation_function 'silu' is not supported"),
         (lambda d: d.update(feature_size=48, num_attention_heads=8), "multiple of 32"),
@@ -83,8 +83,10 @@ def test_every_preset_has_transformers_parameter_count(name):
         ours = Mask2Former(cfg)
         hf = transformers.Mask2FormerForUniversalSegmentation(transformers.Mask2FormerConfig(**cfg.to_dict()))
     count = lambda m, skip=(): sum(p.numel() for n, p in m.named_parameters() if not n.startswith(skip))  # noqa: E731
+    # our frozen batch norms hold their scale and shift as buffers, transformers' BatchNorm2d as parameters
+    frozen = sum(b.numel() for n, b in ours.named_buffers() if n.endswith(("normalization.weight", "normalization.bias")))
     # transformers also holds the unused final Swin LayerNorm
-    assert count(ours) == count(hf, skip=("model.pixel_level_module.encoder.swin.layernorm",))
+    assert count(ours) + frozen == count(hf, skip=("model.pixel_level_module.encoder.swin.layernorm",))
 
 
 def test_unknown_preset_suggests():

@@ -32,6 +32,13 @@ def build_parser() -> Parser:
     src.add_argument("checkpoint", nargs="?",
                      help="Hugging Face checkpoint folder or hub id; or an .onnx file from m2f-export to build an engine")
     src.add_argument("--preset", help=f"an architecture with RANDOM weights, for latency work: {', '.join(PRESETS)}")
+    z = p.add_argument_group("original (detectron2) checkpoints: model_final.pkl / .pth")
+    z.add_argument("--zoo-config", metavar="NAME",
+                   help="the checkpoint's model-zoo config, e.g. coco-panoptic/maskformer2_R50_bs16_50ep (README: "
+                        "Model zoo)")
+    z.add_argument("--num-queries", type=int, metavar="N", help="with --zoo-config: override its number of queries")
+    z.add_argument("--labels", type=Path, metavar="JSON",
+                   help="with --zoo-config: override its class names (a JSON list of names, in output order)")
     p.add_argument("-o", "--output", type=Path, help="output .onnx file (default: <checkpoint name>[-fp16].onnx)")
     p.add_argument("--size", type=int, nargs="+", default=[384], metavar=("H", "W"),
                    help=f"export height and width, multiples of {HW_MULTIPLE} (default: 384 384)")
@@ -189,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     from m2f_deploy.export import export_onnx
     from m2f_deploy.export.onnx_export import check_export_args, check_output_path, default_opset
 
+    zoo = _zoo_config(args)
     name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
+    if zoo is not None:
+        name = Path(str(args.checkpoint)).stem
     if args.int8 and args.fp16:
         raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
     output = args.output or Path(f"{name}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
@@ -209,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         from m2f_deploy import load_model
 
         log.info("loading %s ...", args.checkpoint)
-        model = load_model(args.checkpoint)
+        model = load_model(args.checkpoint, zoo_config=zoo)
     fp32_output = output.with_name(f".{output.stem}-fp32.onnx") if calibration else output
     with writing(output):
         export_onnx(
@@ -261,6 +271,30 @@ def report_stale_temporaries(folder: Path) -> list[Path]:
                     "another m2f-export is running there", folder, len(found), size / 1e6,
                     ", ".join(p.name for p in found))  # fmt: skip
     return found
+
+
+def _zoo_config(args):
+    """The model-zoo config of a detectron2 checkpoint (with its overrides), or None; checked before the load."""
+    if args.zoo_config is None:
+        if args.num_queries is not None or args.labels is not None:
+            raise InputError("--num-queries and --labels override a --zoo-config (give one)")
+        return None
+    if args.preset or str(args.checkpoint).endswith(".onnx"):
+        raise InputError("--zoo-config is for an original (detectron2) .pkl / .pth checkpoint")
+    from m2f_deploy.zoo import zoo_config
+
+    id2label = None
+    if args.labels is not None:
+        import json
+
+        try:
+            names = json.loads(args.labels.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"--labels {args.labels}: not a readable JSON file ({e})") from None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InputError(f"--labels {args.labels}: expected a JSON list of class names")
+        id2label = dict(enumerate(names))
+    return zoo_config(args.zoo_config, num_queries=args.num_queries, id2label=id2label)
 
 
 # engine-only options: without a build they would be ignored silently

@@ -187,6 +187,8 @@ def _name_by_scope(graph: onnx.ModelProto) -> None:
 def _preprocessing(model: Mask2Former, processor: Any) -> dict[str, Any]:
     if processor is None:
         ckpt = getattr(model, "checkpoint", None)
+        if ckpt is not None and ckpt.preprocessing is not None:  # a detectron2 file: its model-zoo config's
+            return dict(ckpt.preprocessing)
         config = ckpt and ckpt.folder / "preprocessor_config.json"
         if config and config.is_file():
             return json.loads(config.read_text(encoding="utf-8"))
@@ -201,7 +203,10 @@ def _source(model: Mask2Former) -> dict[str, Any]:
     from m2f_deploy.utils import sha256_file
 
     files = {f.name: sha256_file(f) for f in ckpt.weight_files}
-    return {"checkpoint": str(ckpt.folder), "sha256": files if len(files) > 1 else next(iter(files.values()))}
+    sha256 = files if len(files) > 1 else next(iter(files.values()))
+    if ckpt.zoo_config is not None:  # a detectron2 file, read with a model-zoo config
+        return {"checkpoint": str(ckpt.weight_files[0]), "sha256": sha256, "zoo_config": ckpt.zoo_config}
+    return {"checkpoint": str(ckpt.folder), "sha256": sha256}
 
 
 def _cleanup(graph: onnx.ModelProto, how: str, workdir: Path) -> onnx.ModelProto:
@@ -342,6 +347,11 @@ def export_onnx(
                 from m2f_deploy.export.fp16 import to_fp16
 
                 graph = to_fp16(graph)
+        # TorchScript can leave value_info of undefined element type behind a custom op (seen on the plugin node of
+        # the first decoder layer behind a ResNet): optional hints, but onnxruntime refuses a graph holding them
+        typed = [v for v in graph.graph.value_info if v.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED]
+        del graph.graph.value_info[:]
+        graph.graph.value_info.extend(typed)
         meta = build_metadata(
             id2label=config.id2label, num_queries=config.num_queries, preprocessing=_preprocessing(model, processor),
             height=height, width=width, batch=batch, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,

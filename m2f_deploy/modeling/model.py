@@ -1,4 +1,4 @@
-"""The whole model: Swin backbone -> pixel decoder -> masked-attention decoder -> heads."""
+"""The whole model: Swin or ResNet backbone -> pixel decoder -> masked-attention decoder -> heads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from m2f_deploy.config import Mask2FormerConfig
+from m2f_deploy.config import Mask2FormerConfig, ResNetConfig
 from m2f_deploy.modeling.pixel_decoder import PixelDecoder
+from m2f_deploy.modeling.resnet import ResNetBackbone
 from m2f_deploy.modeling.swin import SwinBackbone
 from m2f_deploy.modeling.transformer_decoder import TransformerModule
 
@@ -39,12 +40,13 @@ def numpy_logits(output: Any) -> dict[str, np.ndarray]:
 
 
 class PixelLevelModule(nn.Module):
-    """Backbone (``encoder``: Swin, four maps at strides 4-32) and pixel decoder (``decoder``); named as
+    """Backbone (``encoder``: Swin or ResNet, four maps at strides 4-32) and pixel decoder (``decoder``); named as
     transformers names them, so that checkpoint keys match. Run by :class:`Mask2Former`."""
 
     def __init__(self, config: Mask2FormerConfig):
         super().__init__()
-        self.encoder = SwinBackbone(config.backbone_config)
+        backbone = ResNetBackbone if isinstance(config.backbone_config, ResNetConfig) else SwinBackbone
+        self.encoder = backbone(config.backbone_config)
         self.decoder = PixelDecoder(config, self.encoder.channels)
 
 
