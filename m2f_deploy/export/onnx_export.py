@@ -268,6 +268,13 @@ def _save(model: onnx.ModelProto, f: Path) -> None:
         onnx.save_model(model, str(f))
 
 
+def _with_metadata(graph: onnx.ModelProto, meta: dict[str, Any]) -> onnx.ModelProto:
+    del graph.metadata_props[:]
+    graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    graph.producer_name, graph.producer_version = "m2f-deploy", m2f_deploy.__version__
+    return graph
+
+
 def _publish(tmp: Path, path: Path) -> None:
     data = tmp.with_name(tmp.name + ".data")
     if data.exists():  # the graph refers to its data by the final name: move the data first
@@ -294,6 +301,8 @@ def export_onnx(
     tolerances: dict[str, float] | None = None,
     seed: int = 0,
     trt_plugin_version: int = msda_flavours.DEFAULT_PLUGIN_VERSION,
+    heads: str = "raw",
+    head_size: tuple[int, int] | None = None,
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path`` and return the path.
 
@@ -305,10 +314,16 @@ def export_onnx(
     and 11, deprecated from 10.11; 2: TensorRT >= 10.11), recorded in the metadata.
     validate: compare onnxruntime with the model before publishing; a miss raises
     :class:`~m2f_deploy.export.validate.ValidationError` and writes nothing.
+    heads: ``raw`` (the logits) or ``semantic`` | ``instance`` | ``panoptic``: that post-process appended to the
+    graph (:mod:`m2f_deploy.export.heads`), its maps at ``head_size`` (default: the input size); the logits graph is
+    validated against the model, then the fused graph against the numpy post-processing of the logits graph.
     """
     opset = default_opset(exporter, msda) if opset is None else opset
     path = Path(path)
     check_export_args(height, width, batch, msda, exporter, opset, dynamic_hw=dynamic_hw)
+    from m2f_deploy.export.heads import check_head_args
+
+    check_head_args(heads, head_size, dynamic_hw=dynamic_hw)
     msda_flavours.check_plugin_version(trt_plugin_version)
     if cleanup not in CLEANUPS:
         raise InputError(f"unknown clean-up {cleanup!r}{did_you_mean(cleanup, CLEANUPS)}; choose one of {', '.join(CLEANUPS)}")
@@ -352,11 +367,8 @@ def export_onnx(
                 **({"trt_plugin_version": trt_plugin_version} if msda == "trt_plugin" else {}),
             },
         )  # fmt: skip
-        del graph.metadata_props[:]
-        graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
-        graph.producer_name, graph.producer_version = "m2f-deploy", m2f_deploy.__version__
-        out = Path(tmpdir) / path.name
-        _save(graph, out)
+        out = Path(tmpdir) / (path.name if heads == "raw" else f"logits-{path.name}")
+        _save(_with_metadata(graph, meta), out)
         if validate:
             from m2f_deploy.export.validate import validate_onnx
 
@@ -364,6 +376,26 @@ def export_onnx(
                 report = validate_onnx(model, out, tolerances=tolerances, seed=seed)
             log.info("\n%s", report.format())
             report.raise_if_failed(path)
+        if heads != "raw":
+            from m2f_deploy.export.heads import append_head, head_metadata
+
+            size = tuple(head_size) if head_size else (height, width)
+            with stage(f"{heads} head"):
+                graph = append_head(graph, heads, num_queries=config.num_queries, num_labels=len(config.id2label),
+                                    size=size, opset=_opset_of(graph), workdir=Path(tmpdir))  # fmt: skip
+            meta = {**meta, "fused_heads": [heads], "heads": head_metadata(heads, config.num_queries, size,
+                                                                          (height, width))}  # fmt: skip
+            meta["outputs"] = list(meta["heads"]["outputs"])
+            fused = Path(tmpdir) / path.name
+            _save(_with_metadata(graph, meta), fused)
+            if validate:
+                from m2f_deploy.export.validate import validate_head
+
+                with stage(f"validation of the {heads} head against the numpy post-processing"):
+                    head_report = validate_head(out, fused, seed=seed)
+                log.info("\n%s", head_report.format())
+                head_report.raise_if_failed(path)
+            out = fused
         _publish(out, path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
