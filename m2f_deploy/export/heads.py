@@ -165,7 +165,7 @@ class InstanceHead(nn.Module):
         valid = (order_scores >= threshold.unsqueeze(1)) & nonempty
         covered = (out_masks & valid[:, :, None, None]).to(torch.int32)
         first = covered.argmax(1)  # [B, H, W]: the best-scoring valid mask over each pixel (first maximum)
-        rank = valid.to(torch.int32).cumsum(1) - 1  # [B, K]: rank among the valid ones
+        rank = valid.float().cumsum(1).to(torch.int32) - 1  # [B, K]: rank among the valid ones (CumSum: float in TRT)
         rank_at = torch.gather(rank, 1, first.flatten(1)).reshape(b, *self.size)
         instance_map = torch.where(covered.amax(1) > 0, rank_at, torch.full_like(rank_at, -1))
         return order_scores, out_labels.to(torch.int32), valid, out_masks, instance_map.to(torch.int32)
@@ -201,7 +201,7 @@ class PanopticHead(nn.Module):
         same = (labels.unsqueeze(2) == labels.unsqueeze(1)) & exists.unsqueeze(1)  # [B, k, j]: j exists, same label
         repeat = exists & fused & (same & self.earlier.unsqueeze(0)).any(2)
         new = exists & ~repeat
-        counter = new.to(torch.int32).cumsum(1)  # [B, Q]
+        counter = new.float().cumsum(1).to(torch.int32)  # [B, Q] (TensorRT's CumSum takes floats only)
         first = same.to(torch.int32).argmax(2)  # the first existing query of k's label
         ids = torch.where(new, counter, torch.where(repeat, torch.gather(counter, 1, first), torch.zeros_like(counter)))
         panoptic_map = torch.gather(ids, 1, owner.flatten(1)).reshape(b, *self.size)

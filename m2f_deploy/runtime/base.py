@@ -85,10 +85,13 @@ class BaseRunner:
     backend: str
     description: str
 
-    def infer(self, pixel_values: Any) -> dict[str, np.ndarray]:
-        """Raw float32 outputs by name for ``pixel_values`` ``[B, 3, H, W]``, checked against the artifact first."""
+    def infer(self, pixel_values: Any, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name for ``pixel_values`` ``[B, 3, H, W]``, checked against the artifact first (float outputs
+        as float32; a fused head's integer and bool outputs as they are). ``extra``: a fused head's other inputs
+        (thresholds, see :mod:`m2f_deploy.runtime.heads`)."""
         name = getattr(self.path, "name", str(self.path))
-        return self.infer_impl(self.input_spec.check(pixel_values, name))
+        checked = self.input_spec.check(pixel_values, name)
+        return self.infer_impl(checked, extra) if extra else self.infer_impl(checked)
 
     def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError

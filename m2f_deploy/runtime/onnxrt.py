@@ -128,8 +128,9 @@ class OnnxRuntimeRunner(BaseRunner):
             self.description += " (TensorRT MSDA plugin through the numpy stand-in: for checks, slow)"
         self.output_names = [o.name for o in self.session.get_outputs()]
         inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != [INPUT_NAME]:
-            raise InputError(f"{path}: inputs are {inputs}, expected [{INPUT_NAME!r}]")
+        expected = [INPUT_NAME, *(meta.get("heads") or {}).get("inputs", {})]  # a fused head's thresholds follow
+        if inputs != expected:
+            raise InputError(f"{path}: inputs are {inputs}, expected {expected}")
 
     def _session(self, ort: Any, backend: str, plugin: bool, threads: int | None, device_id: int) -> Any:
         options = session_options(ort, threads, precision=self.precision)
@@ -173,11 +174,11 @@ class OnnxRuntimeRunner(BaseRunner):
             )
         return session
 
-    def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def infer_impl(self, pixel_values: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Raw outputs by name. ``InputError`` when onnxruntime rejects ``pixel_values`` (its type or shape against
         the graph's input); any other failure while running is the backend's or the graph's: ``BackendError``."""
         try:
-            outputs = self.session.run(None, {INPUT_NAME: pixel_values})
+            outputs = self.session.run(None, {INPUT_NAME: pixel_values, **(extra or {})})
         except M2FError:
             raise  # the plugin stand-in's own typed errors
         except Exception as e:  # onnxruntime's exception types live in a private module: told apart by name
@@ -189,7 +190,8 @@ class OnnxRuntimeRunner(BaseRunner):
                 f"{self.path}: onnxruntime ({self.backend}) failed running on {given}: {message}"
             ) from None
         return {
-            name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs, strict=True)
+            name: np.asarray(value, dtype=np.float32) if np.asarray(value).dtype.kind == "f" else np.asarray(value)
+            for name, value in zip(self.output_names, outputs, strict=True)
         }
 
     def close(self) -> None:

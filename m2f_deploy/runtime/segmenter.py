@@ -29,7 +29,7 @@ from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.processing.image_processor import POSTPROCESS
 from m2f_deploy.processing.images import flat_list
 from m2f_deploy.processing.postprocess.threads import check_threads
-from m2f_deploy.runtime import onnxrt
+from m2f_deploy.runtime import heads, onnxrt
 from m2f_deploy.runtime.images import load_image
 from m2f_deploy.utils import did_you_mean
 
@@ -93,6 +93,9 @@ class Segmenter:
             raise InputError(f"{path}: no such file")
         if path.suffix == ".engine":
             self.metadata = read_engine_metadata(path)
+            if heads.fused_head(self.metadata):
+                raise InputError(f"{path}: an engine with a fused head: the TensorRT runner does not feed the head's "
+                                 "inputs yet; run the .onnx with backend 'ort-tensorrt'")  # fmt: skip
             if backend not in ("auto", "tensorrt"):
                 raise InputError(f"{path}: a TensorRT engine runs on backend 'tensorrt' only, not {backend!r}")
             from m2f_deploy.runtime.tensorrt import TensorRTRunner
@@ -110,6 +113,8 @@ class Segmenter:
         self.path = path
         self.backend: str = self._runner.backend
         self.id2label: dict[int, str] = self.metadata["id2label"]
+        self.head: str | None = heads.fused_head(self.metadata)
+        """The task a fused-head graph returns (``m2f-export --heads``), or None: logits, post-processed here."""
         inp = self.metadata["input"]
         self.dynamic_hw: bool = inp["dynamic_hw"]
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
@@ -142,9 +147,14 @@ class Segmenter:
 
     # -- raw outputs -----------------------------------------------------------------------------------------------
 
-    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives)."""
-        return self._runner.infer(pixel_values)  # checked once, by the runner (runtime/base.py)
+    def infer(self, pixel_values: np.ndarray, **head_options: Any) -> dict[str, np.ndarray]:
+        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives).
+
+        A fused-head graph's outputs are its head's (:mod:`m2f_deploy.export.heads`); ``head_options`` set its
+        inputs (``threshold``, ``mask_threshold``, ``overlap_mask_area_threshold``, ``label_ids_to_fuse``;
+        missing ones: the metadata's defaults)."""
+        extra = heads.head_inputs(self.metadata, len(pixel_values), **head_options) if self.head else None
+        return self._runner.infer(pixel_values, extra)  # checked once, by the runner (runtime/base.py)
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -169,6 +179,9 @@ class Segmenter:
         """
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of {', '.join(TASKS)}")
+        if self.head and task != self.head:
+            raise InputError(f"{self.path.name} returns {self.head} results (exported with --heads {self.head}), "
+                             f"not {task}: use task {self.head!r} or an artifact exported with --heads raw")  # fmt: skip
         items = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in flat_list(images, "images", 3)]
         clock = timings if timings is not None else {}
         results: list[Any] = []
@@ -177,6 +190,20 @@ class Segmenter:
             with timed(clock, "preprocess"):
                 inputs = self.processor.preprocess(chunk)
                 pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
+            if self.head:
+                with timed(clock, "inference"):
+                    outputs = self.infer(
+                        pixel_values, threshold=threshold, mask_threshold=mask_threshold,
+                        overlap_mask_area_threshold=overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse,
+                    )  # fmt: skip
+                with timed(clock, "postprocess"):  # what is left: cut each map back to its image
+                    results += heads.decode(
+                        self.metadata, {k: v[: len(chunk)] for k, v in outputs.items()},
+                        target_sizes=inputs["original_sizes"], pixel_mask=pixel_mask[: len(chunk)],
+                        label_ids_to_fuse=label_ids_to_fuse, return_coco_annotation=return_coco_annotation,
+                        return_binary_maps=return_binary_maps,
+                    )  # fmt: skip
+                continue
             with timed(clock, "inference"):
                 outputs = self.infer(pixel_values)
             outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
