@@ -42,6 +42,12 @@ def build_parser() -> Parser:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: 17; 18 with --exporter dynamo; 19 for --msda deform_conv)")
     p.add_argument("--fp16", action="store_true", help="fp16 graph with fp32 islands; inputs and outputs stay fp32")
+    p.add_argument("--heads", default="raw", choices=("raw", "semantic", "instance", "panoptic"),
+                   help="raw (default: the logits), or that post-processing in the graph: it returns maps and "
+                        "segment tables, thresholds as inputs (see README 'Fused heads')")
+    p.add_argument("--head-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="size of a fused head's maps (default: the input size)")
+    # --heads on an .onnx from m2f-export appends the head to that logits graph (no checkpoint needed)
     p.add_argument("--cleanup", default="auto", help="graph clean-up: auto (default), ort, onnxslim, none")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--atol", action="append", default=[], metavar="OUTPUT=TOL",
@@ -124,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.trt_plugin_version is not None and args.msda != "trt_plugin":
         raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
     from_onnx = bool(args.checkpoint) and str(args.checkpoint).endswith(".onnx")
+    if args.heads == "raw" and args.head_size:
+        raise InputError("--head-size is for --heads semantic|instance|panoptic (the size of their maps)")
+    if from_onnx and args.heads != "raw":  # append a head to an exported logits graph (no checkpoint needed)
+        return _fuse_onnx(args)
+    if args.heads != "raw" and args.engine:
+        raise InputError(f"--heads {args.heads} with --engine: engines of fused-head graphs are not built yet (their "
+                         "threshold inputs need profiles); run the .onnx with backend ort-tensorrt")  # fmt: skip
     calibration = _calibration_images(args)
     # an .onnx input is built into an engine unless it is only checked or quantized (then --engine builds it too)
     build = args.engine or (from_onnx and not args.check_tensorrt and not calibration)
@@ -149,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
     if args.int8 and args.fp16:
         raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
-    output = args.output or Path(f"{name}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
+    head = "" if args.heads == "raw" else f"-{args.heads}"
+    output = args.output or Path(f"{name}{head}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
     # check everything that is cheap before the (slow) model load
     check_export_args(height, width, args.batch, args.msda, args.exporter,
                       args.opset or default_opset(args.exporter, args.msda), dynamic_hw=args.dynamic_shape)  # fmt: skip
+    from m2f_deploy.export.heads import check_head_args
+
+    check_head_args(args.heads, args.head_size, dynamic_hw=args.dynamic_shape, int8=args.int8)
     check_output_path(output)
 
     if args.preset:
@@ -171,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
         dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
         exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-        seed=args.seed,
+        seed=args.seed, heads=args.heads, head_size=args.head_size,
         **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
     )  # fmt: skip
     if calibration:
@@ -258,8 +275,26 @@ def _check_tensorrt(onnx_path: Path, versions: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
+def _fuse_onnx(args) -> int:
+    from m2f_deploy.export.heads import fuse_onnx
+
+    if args.engine or args.calib or args.int8:
+        raise InputError(f"--heads {args.heads} on an .onnx: writes the fused .onnx only (no --engine, --int8, --calib)")
+    source = Path(args.checkpoint)
+    output = args.output or source.with_name(f"{source.stem}-{args.heads}.onnx")
+    print(fuse_onnx(source, output, args.heads, head_size=args.head_size, validate=not args.no_validate, seed=args.seed))
+    if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
+        return 1
+    return 0
+
+
 def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> int:
+    from m2f_deploy.artifact import read_onnx_metadata
     from m2f_deploy.export.tensorrt import build_engine
+
+    if read_onnx_metadata(onnx_path)["fused_heads"]:
+        raise InputError(f"{onnx_path}: has a fused head; engines of fused-head graphs are not built yet (their "
+                         "threshold inputs need profiles): run it with backend ort-tensorrt")  # fmt: skip
 
     # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
     print(build_engine(onnx_path, output, **engine_args))

@@ -319,3 +319,50 @@ def _unprefix(model: Any, prefix: str, names: list[str]) -> None:
         node.output[:] = [rename.get(x, x) for x in node.output]
     for v in g.value_info:
         v.name = rename.get(v.name, v.name)
+
+
+def fuse_onnx(
+    logits_path: Any, path: Any, head: str, *, head_size: tuple[int, int] | None = None, validate: bool = True,
+    seed: int = 0,
+) -> Any:
+    """Write ``path``: the logits graph at ``logits_path`` (from ``m2f-export``) with ``head`` appended, its metadata
+    updated (``fused_heads``, ``outputs``, ``heads``), checked against our numpy post-processing of the logits graph
+    (a miss raises :class:`~m2f_deploy.export.validate.ValidationError` and writes nothing). Returns ``path``."""
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from m2f_deploy.artifact import read_onnx_metadata
+    from m2f_deploy.export.onnx_export import _publish, _save, _with_metadata, check_output_path
+
+    log = logging.getLogger("m2f_deploy.export")
+    logits_path, path = Path(logits_path), Path(path)
+    meta = read_onnx_metadata(logits_path)
+    inp = meta["input"]
+    if meta["fused_heads"]:
+        raise InputError(f"{logits_path}: already has a fused head ({meta['fused_heads'][0]}); give a --heads raw graph")
+    check_head_args(head, head_size, dynamic_hw=inp["dynamic_hw"], int8=meta["precision"] == "int8")
+    if head == "raw":
+        raise InputError("--heads raw: the graph is already the logits graph")
+    check_output_path(path)
+    graph = onnx.load(str(logits_path))
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    size = tuple(head_size) if head_size else (inp["height"], inp["width"])
+    with tempfile.TemporaryDirectory(prefix=".m2f-heads-", dir=path.parent) as tmpdir:
+        fused = append_head(graph, head, num_queries=meta["num_queries"], num_labels=len(meta["id2label"]),
+                            size=size, opset=opset, workdir=Path(tmpdir))  # fmt: skip
+        meta = {**meta, "id2label": {str(k): v for k, v in meta["id2label"].items()}, "fused_heads": [head],
+                "heads": head_metadata(head, meta["num_queries"], size, (inp["height"], inp["width"]))}  # fmt: skip
+        meta["outputs"] = list(meta["heads"]["outputs"])
+        out = Path(tmpdir) / path.name
+        _save(_with_metadata(fused, meta), out)
+        if validate:
+            from m2f_deploy.export.validate import validate_head
+
+            report = validate_head(logits_path, out, seed=seed)
+            log.info("%s head against the numpy post-processing:\n%s", head, report.format())
+            report.raise_if_failed(path)
+        _publish(out, path)
+    return path

@@ -377,25 +377,11 @@ def export_onnx(
             log.info("\n%s", report.format())
             report.raise_if_failed(path)
         if heads != "raw":
-            from m2f_deploy.export.heads import append_head, head_metadata
+            from m2f_deploy.export.heads import fuse_onnx
 
-            size = tuple(head_size) if head_size else (height, width)
-            with stage(f"{heads} head"):
-                graph = append_head(graph, heads, num_queries=config.num_queries, num_labels=len(config.id2label),
-                                    size=size, opset=_opset_of(graph), workdir=Path(tmpdir))  # fmt: skip
-            meta = {**meta, "fused_heads": [heads], "heads": head_metadata(heads, config.num_queries, size,
-                                                                          (height, width))}  # fmt: skip
-            meta["outputs"] = list(meta["heads"]["outputs"])
-            fused = Path(tmpdir) / path.name
-            _save(_with_metadata(graph, meta), fused)
-            if validate:
-                from m2f_deploy.export.validate import validate_head
-
-                with stage(f"validation of the {heads} head against the numpy post-processing"):
-                    head_report = validate_head(out, fused, seed=seed)
-                log.info("\n%s", head_report.format())
-                head_report.raise_if_failed(path)
-            out = fused
+            with stage(f"{heads} head (validated against the numpy post-processing)" if validate else f"{heads} head"):
+                fuse_onnx(out, Path(tmpdir) / path.name, heads, head_size=head_size, validate=validate, seed=seed)
+            out = Path(tmpdir) / path.name
         _publish(out, path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
