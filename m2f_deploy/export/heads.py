@@ -272,6 +272,7 @@ def append_head(
             do_constant_folding=True,
         )  # fmt: skip
     head_graph = onnx.load(str(path))
+    graph = _toposorted(graph)
     head_graph.ir_version = graph.ir_version
     _rename_batch(graph, head_graph)
     merged = onnx.compose.merge_models(
@@ -281,6 +282,16 @@ def append_head(
     # merge_models prefixes every name of the second graph: give the head's inputs and outputs their own back
     _unprefix(merged, "head/", [*extra_names, *outputs])
     return merged
+
+
+def _toposorted(graph: Any) -> Any:
+    """The graph with its nodes in topological order (merge_models checks it; the fp16 converter appends its input
+    casts at the end): onnx-graphsurgeon's sort."""
+    import onnx_graphsurgeon as gs
+
+    sorted_graph = gs.export_onnx(gs.import_onnx(graph).toposort())
+    sorted_graph.metadata_props.extend(graph.metadata_props)
+    return sorted_graph
 
 
 def _dummy(spec: dict[str, Any], batch: int, num_labels: int) -> Tensor:
