@@ -47,7 +47,10 @@ def build_parser() -> Parser:
                         "segment tables, thresholds as inputs (see README 'Fused heads')")
     p.add_argument("--head-size", type=int, nargs=2, metavar=("H", "W"),
                    help="size of a fused head's maps (default: the input size)")
-    # --heads on an .onnx from m2f-export appends the head to that logits graph (no checkpoint needed)
+    p.add_argument("--input", default="float32", choices=("float32", "uint8"), dest="input_dtype",
+                   help="float32 (default: normalised NCHW pixel_values) or uint8 (NHWC uint8 images + pixel_mask, "
+                        "normalised in the graph; static size)")
+    # --heads / --input on an .onnx from m2f-export rewrite that graph (no checkpoint needed)
     p.add_argument("--cleanup", default="auto", help="graph clean-up: auto (default), ort, onnxslim, none")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--atol", action="append", default=[], metavar="OUTPUT=TOL",
@@ -132,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from_onnx = bool(args.checkpoint) and str(args.checkpoint).endswith(".onnx")
     if args.heads == "raw" and args.head_size:
         raise InputError("--head-size is for --heads semantic|instance|panoptic (the size of their maps)")
-    if from_onnx and args.heads != "raw":  # append a head to an exported logits graph (no checkpoint needed)
+    if from_onnx and (args.heads != "raw" or args.input_dtype != "float32"):  # rewrite an exported graph
         return _fuse_onnx(args)
-    if args.heads != "raw" and args.engine:
-        raise InputError(f"--heads {args.heads} with --engine: engines of fused-head graphs are not built yet (their "
-                         "threshold inputs need profiles); run the .onnx with backend ort-tensorrt")  # fmt: skip
+    if (args.heads != "raw" or args.input_dtype != "float32") and args.engine:
+        raise InputError("--heads / --input uint8 with --engine: engines of such graphs are not built yet (their "
+                         "extra inputs need profiles); run the .onnx with backend ort-tensorrt")  # fmt: skip
     calibration = _calibration_images(args)
     # an .onnx input is built into an engine unless it is only checked or quantized (then --engine builds it too)
     build = args.engine or (from_onnx and not args.check_tensorrt and not calibration)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.preset or Path(str(args.checkpoint).rstrip("/")).name
     if args.int8 and args.fp16:
         raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
-    head = "" if args.heads == "raw" else f"-{args.heads}"
+    head = ("" if args.heads == "raw" else f"-{args.heads}") + ("-uint8" if args.input_dtype == "uint8" else "")
     output = args.output or Path(f"{name}{head}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
     # check everything that is cheap before the (slow) model load
     check_export_args(height, width, args.batch, args.msda, args.exporter,
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     from m2f_deploy.export.heads import check_head_args
 
     check_head_args(args.heads, args.head_size, dynamic_hw=args.dynamic_shape, int8=args.int8)
+    if args.input_dtype == "uint8" and (args.dynamic_shape or args.int8):
+        raise InputError("--input uint8 needs a static size and is not combined with --int8 yet: "
+                         "drop --dynamic-shape / --int8")  # fmt: skip
     check_output_path(output)
 
     if args.preset:
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
         dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
         exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-        seed=args.seed, heads=args.heads, head_size=args.head_size,
+        seed=args.seed, heads=args.heads, head_size=args.head_size, input_dtype=args.input_dtype,
         **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
     )  # fmt: skip
     if calibration:
@@ -279,10 +285,25 @@ def _fuse_onnx(args) -> int:
     from m2f_deploy.export.heads import fuse_onnx
 
     if args.engine or args.calib or args.int8:
-        raise InputError(f"--heads {args.heads} on an .onnx: writes the fused .onnx only (no --engine, --int8, --calib)")
+        raise InputError("--heads / --input on an .onnx: writes the rewritten .onnx only (no --engine, --int8, --calib)")
+    from m2f_deploy.export.uint8_input import uint8_onnx
+
     source = Path(args.checkpoint)
-    output = args.output or source.with_name(f"{source.stem}-{args.heads}.onnx")
-    print(fuse_onnx(source, output, args.heads, head_size=args.head_size, validate=not args.no_validate, seed=args.seed))
+    suffix = ("" if args.heads == "raw" else f"-{args.heads}") + ("-uint8" if args.input_dtype == "uint8" else "")
+    output = args.output or source.with_name(f"{source.stem}{suffix}.onnx")
+    validate = not args.no_validate
+    if args.heads == "raw":
+        uint8_onnx(source, output, validate=validate, seed=args.seed)
+    elif args.input_dtype == "uint8":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=".m2f-export-", dir=output.parent) as tmpdir:
+            fused = fuse_onnx(source, Path(tmpdir) / output.name, args.heads, head_size=args.head_size,
+                              validate=validate, seed=args.seed)  # fmt: skip
+            uint8_onnx(fused, output, validate=validate, seed=args.seed)
+    else:
+        fuse_onnx(source, output, args.heads, head_size=args.head_size, validate=validate, seed=args.seed)
+    print(output)
     if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
         return 1
     return 0

@@ -303,6 +303,7 @@ def export_onnx(
     trt_plugin_version: int = msda_flavours.DEFAULT_PLUGIN_VERSION,
     heads: str = "raw",
     head_size: tuple[int, int] | None = None,
+    input_dtype: str = "float32",
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path`` and return the path.
 
@@ -317,6 +318,8 @@ def export_onnx(
     heads: ``raw`` (the logits) or ``semantic`` | ``instance`` | ``panoptic``: that post-process appended to the
     graph (:mod:`m2f_deploy.export.heads`), its maps at ``head_size`` (default: the input size); the logits graph is
     validated against the model, then the fused graph against the numpy post-processing of the logits graph.
+    input_dtype: ``float32`` (``pixel_values``) or ``uint8`` (``images`` NHWC uint8 and ``pixel_mask``, normalised
+    in the graph: :mod:`m2f_deploy.export.uint8_input`), checked equal to the float graph.
     """
     opset = default_opset(exporter, msda) if opset is None else opset
     path = Path(path)
@@ -324,6 +327,13 @@ def export_onnx(
     from m2f_deploy.export.heads import check_head_args
 
     check_head_args(heads, head_size, dynamic_hw=dynamic_hw)
+    from m2f_deploy.export.uint8_input import INPUTS
+
+    if input_dtype not in INPUTS:
+        raise InputError(f"unknown input {input_dtype!r}; choose one of {', '.join(INPUTS)}")
+    if input_dtype == "uint8" and dynamic_hw:
+        raise InputError("--input uint8 needs a static input size (images are copied into its canvas): "
+                         "drop --dynamic-shape")  # fmt: skip
     msda_flavours.check_plugin_version(trt_plugin_version)
     if cleanup not in CLEANUPS:
         raise InputError(f"unknown clean-up {cleanup!r}{did_you_mean(cleanup, CLEANUPS)}; choose one of {', '.join(CLEANUPS)}")
@@ -367,7 +377,8 @@ def export_onnx(
                 **({"trt_plugin_version": trt_plugin_version} if msda == "trt_plugin" else {}),
             },
         )  # fmt: skip
-        out = Path(tmpdir) / (path.name if heads == "raw" else f"logits-{path.name}")
+        last = heads == "raw" and input_dtype == "float32"
+        out = Path(tmpdir) / (path.name if last else f"logits-{path.name}")
         _save(_with_metadata(graph, meta), out)
         if validate:
             from m2f_deploy.export.validate import validate_onnx
@@ -380,8 +391,13 @@ def export_onnx(
             from m2f_deploy.export.heads import fuse_onnx
 
             with stage(f"{heads} head (validated against the numpy post-processing)" if validate else f"{heads} head"):
-                fuse_onnx(out, Path(tmpdir) / path.name, heads, head_size=head_size, validate=validate, seed=seed)
-            out = Path(tmpdir) / path.name
+                fused = Path(tmpdir) / (path.name if input_dtype == "float32" else f"fused-{path.name}")
+                out = fuse_onnx(out, fused, heads, head_size=head_size, validate=validate, seed=seed)
+        if input_dtype == "uint8":
+            from m2f_deploy.export.uint8_input import uint8_onnx
+
+            with stage("uint8 input" + (" (checked against the float graph)" if validate else "")):
+                out = uint8_onnx(out, Path(tmpdir) / path.name, validate=validate, seed=seed)
         _publish(out, path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
