@@ -20,7 +20,9 @@ from m2f_deploy.errors import InputError
 from m2f_deploy.export import export_onnx
 from m2f_deploy.export import heads as export_heads
 from m2f_deploy.export.heads import PanopticHead, check_head_args, fuse_onnx, head_metadata
+from m2f_deploy.export import uint8_input
 from m2f_deploy.export.trt_support import check_tensorrt_support
+from m2f_deploy.export.uint8_input import uint8_onnx
 from m2f_deploy.export.validate import ValidationError, compare_head, head_results, validate_head
 from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.runtime import Segmenter
@@ -278,3 +280,37 @@ def test_cli(tiny, tmp_path, capsys):
     assert predict_main([str(tiny["fp32", "panoptic"]), str(image), "--out", str(tmp_path / "p"), "-q",
                          "--threshold", "0.3", "--no-overlay"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "p" / "panoptic.json").read_text())["annotations"]
+
+
+# -- uint8 input ---------------------------------------------------------------------------------------------------
+
+
+class _NoMask(uint8_input.Uint8Input):
+    def forward(self, images, pixel_mask):  # a planted bug: padding 1, not 0 (what the float path pads with)
+        values = self.table[images.long() + self.offsets]
+        values = torch.where(pixel_mask.to(torch.bool).unsqueeze(-1), values, torch.ones_like(values))
+        return values.permute(0, 3, 1, 2)
+
+
+def test_uint8_input_equals_float_path(tiny, tmp_path, monkeypatch):
+    raw_u8 = uint8_onnx(tiny["fp32", "raw"], tmp_path / "raw-u8.onnx")
+    pan_u8 = uint8_onnx(tiny["fp32", "panoptic"], tmp_path / "pan-u8.onnx")
+    meta = read_onnx_metadata(pan_u8)
+    assert meta["input"]["name"] == "images" and meta["input"]["dtype"] == "uint8" and meta["input"]["mask"]
+    assert meta["fused_heads"] == ["panoptic"] and check_tensorrt_support(pan_u8).ok
+    images = _canvas_images(SIZE, 2) + [_canvas_images((50, 70), 1, seed=1)[0]]  # the last one padded
+    options = OPTIONS["panoptic"]
+    for float_path, u8_path in ((tiny["fp32", "raw"], raw_u8), (tiny["fp32", "panoptic"], pan_u8)):
+        with Segmenter(float_path) as a, Segmenter(u8_path) as b:
+            assert b.uint8 and not a.uint8
+            for x, y in zip(a.predict(images, "panoptic", **options), b.predict(images, "panoptic", **options),
+                            strict=True):  # fmt: skip
+                assert np.array_equal(x["segmentation"], y["segmentation"])
+                assert x["segments_info"] == y["segments_info"]
+            with pytest.raises(InputError, match="uint8"):
+                b.infer(np.zeros((1, 3, *SIZE), np.float32))
+    # the gate: a graph that normalises the padding too differs from the float graph
+    monkeypatch.setattr(uint8_input, "Uint8Input", _NoMask)
+    with pytest.raises(ValidationError, match="uint8-input graph differs"):
+        uint8_onnx(tiny["fp32", "raw"], tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()

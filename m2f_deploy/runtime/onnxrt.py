@@ -128,7 +128,9 @@ class OnnxRuntimeRunner(BaseRunner):
             self.description += " (TensorRT MSDA plugin through the numpy stand-in: for checks, slow)"
         self.output_names = [o.name for o in self.session.get_outputs()]
         inputs = [i.name for i in self.session.get_inputs()]
-        expected = [INPUT_NAME, *(meta.get("heads") or {}).get("inputs", {})]  # a fused head's thresholds follow
+        self.input_name = meta["input"].get("name", INPUT_NAME)  # "images" for a uint8 graph, then its pixel_mask
+        mask = [meta["input"]["mask"]] if meta["input"].get("mask") else []
+        expected = [self.input_name, *mask, *(meta.get("heads") or {}).get("inputs", {})]  # then a head's thresholds
         if inputs != expected:
             raise InputError(f"{path}: inputs are {inputs}, expected {expected}")
 
@@ -178,12 +180,12 @@ class OnnxRuntimeRunner(BaseRunner):
         """Raw outputs by name. ``InputError`` when onnxruntime rejects ``pixel_values`` (its type or shape against
         the graph's input); any other failure while running is the backend's or the graph's: ``BackendError``."""
         try:
-            outputs = self.session.run(None, {INPUT_NAME: pixel_values, **(extra or {})})
+            outputs = self.session.run(None, {self.input_name: pixel_values, **(extra or {})})
         except M2FError:
             raise  # the plugin stand-in's own typed errors
         except Exception as e:  # onnxruntime's exception types live in a private module: told apart by name
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            given = f"{INPUT_NAME} {pixel_values.dtype} {list(pixel_values.shape)}"
+            given = f"{self.input_name} {pixel_values.dtype} {list(pixel_values.shape)}"
             if type(e).__name__ == "InvalidArgument" or "INVALID_ARGUMENT" in message:
                 raise InputError(f"{self.path}: onnxruntime rejects {given}: {message}") from None
             raise BackendError(

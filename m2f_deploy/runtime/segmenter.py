@@ -113,6 +113,8 @@ class Segmenter:
         self.path = path
         self.backend: str = self._runner.backend
         self.id2label: dict[int, str] = self.metadata["id2label"]
+        self.uint8: bool = self.metadata["input"].get("dtype") == "uint8"
+        """Whether the graph takes uint8 images (``m2f-export --input uint8``): :meth:`predict` then feeds bytes."""
         self.head: str | None = heads.fused_head(self.metadata)
         """The task a fused-head graph returns (``m2f-export --heads``), or None: logits, post-processed here."""
         inp = self.metadata["input"]
@@ -147,14 +149,20 @@ class Segmenter:
 
     # -- raw outputs -----------------------------------------------------------------------------------------------
 
-    def infer(self, pixel_values: np.ndarray, **head_options: Any) -> dict[str, np.ndarray]:
-        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives).
+    def infer(self, pixel_values: np.ndarray, pixel_mask: np.ndarray | None = None, **head_options: Any) -> dict[str, np.ndarray]:
+        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives);
+        for a uint8-input graph (:attr:`uint8`), ``images`` ``[B, H, W, 3]`` uint8 and its ``pixel_mask``
+        ``[B, H, W]`` (default: all image), as ``processor.preprocess_uint8`` gives them.
 
         A fused-head graph's outputs are its head's (:mod:`m2f_deploy.export.heads`); ``head_options`` set its
         inputs (``threshold``, ``mask_threshold``, ``overlap_mask_area_threshold``, ``label_ids_to_fuse``;
         missing ones: the metadata's defaults)."""
-        extra = heads.head_inputs(self.metadata, len(pixel_values), **head_options) if self.head else None
-        return self._runner.infer(pixel_values, extra)  # checked once, by the runner (runtime/base.py)
+        extra = heads.head_inputs(self.metadata, len(pixel_values), **head_options) if self.head else {}
+        if self.uint8:
+            if pixel_mask is None:
+                pixel_mask = np.ones(np.shape(pixel_values)[:3], np.uint8)
+            extra = {self.metadata["input"]["mask"]: np.ascontiguousarray(pixel_mask, np.uint8), **extra}
+        return self._runner.infer(pixel_values, extra or None)  # checked once, by the runner (runtime/base.py)
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -188,12 +196,17 @@ class Segmenter:
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             with timed(clock, "preprocess"):
-                inputs = self.processor.preprocess(chunk)
-                pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
+                if self.uint8:  # bytes into the canvas, no float copy: the graph normalises
+                    inputs = self.processor.preprocess_uint8(chunk)
+                    pixel_values, pixel_mask = self._fit_batch_uint8(inputs["images"], inputs["pixel_mask"])
+                else:
+                    inputs = self.processor.preprocess(chunk)
+                    pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
+            feed = {"pixel_mask": pixel_mask} if self.uint8 else {}
             if self.head:
                 with timed(clock, "inference"):
                     outputs = self.infer(
-                        pixel_values, threshold=threshold, mask_threshold=mask_threshold,
+                        pixel_values, **feed, threshold=threshold, mask_threshold=mask_threshold,
                         overlap_mask_area_threshold=overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse,
                     )  # fmt: skip
                 with timed(clock, "postprocess"):  # what is left: cut each map back to its image
@@ -205,7 +218,7 @@ class Segmenter:
                     )  # fmt: skip
                 continue
             with timed(clock, "inference"):
-                outputs = self.infer(pixel_values)
+                outputs = self.infer(pixel_values, **feed)
             outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
             with timed(clock, "postprocess"):
                 common = dict(
@@ -230,6 +243,14 @@ class Segmenter:
                         **common,
                     )
         return results
+
+    def _fit_batch_uint8(self, images: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pad the batch to a static batch (the canvas is the graph's size already)."""
+        pad_b = max(self._batch_range[0] - len(images), 0)
+        if pad_b:
+            images = np.pad(images, ((0, pad_b), (0, 0), (0, 0), (0, 0)))
+            pixel_mask = np.pad(pixel_mask, ((0, pad_b), (0, 0), (0, 0)))
+        return images, pixel_mask
 
     def _fit_batch(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pad height and width to the graph's multiple (dynamic size) and the batch to a static batch."""
