@@ -272,9 +272,16 @@ def test_cli(tiny, tmp_path, capsys):
     meta = read_onnx_metadata(out)
     assert meta["fused_heads"] == ["semantic"] and meta["heads"]["output_size"] == [32, 64]
     assert "passes for TensorRT" in capsys.readouterr().out
-    for bad in (["--heads", "raw", "--head-size", "32", "32"], ["--heads", "semantic", "--engine"]):
-        with pytest.raises(InputError):
+    u8 = tmp_path / "u8.onnx"
+    assert export_main([str(tiny["fp32", "raw"]), "--input", "uint8", "-o", str(u8), "-q"]) == 0
+    assert read_onnx_metadata(u8)["input"]["dtype"] == "uint8" and read_onnx_metadata(u8)["fused_heads"] == []
+    for bad, message in ((["--heads", "raw", "--head-size", "32", "32"], "--head-size is for"),
+                         (["--heads", "semantic", "--engine"], "not built yet"),
+                         (["--input", "uint8", "--engine"], "not built yet")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
             export_main([str(tiny["fp32", "raw"]), *bad, "-q"])
+    with pytest.raises(InputError, match="static size"):
+        export_main(["--preset", "swin-tiny-coco-panoptic", "--input", "uint8", "--dynamic-shape", "-q"])
     image = tmp_path / "img.png"
     Image.fromarray(_canvas_images(SIZE, 1)[0]).save(image)
     assert predict_main([str(tiny["fp32", "panoptic"]), str(image), "--out", str(tmp_path / "p"), "-q",
