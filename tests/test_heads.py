@@ -287,6 +287,13 @@ def test_cli(tiny, tmp_path, capsys):
     assert predict_main([str(tiny["fp32", "panoptic"]), str(image), "--out", str(tmp_path / "p"), "-q",
                          "--threshold", "0.3", "--no-overlay"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "p" / "panoptic.json").read_text())["annotations"]
+    # no --task: the artifact's own; another task: one clear error
+    assert predict_main([str(tiny["fp32", "semantic"]), str(image), "--out", str(tmp_path / "s"), "-q",
+                         "--no-overlay"]) == 0  # fmt: skip
+    assert not (tmp_path / "s" / "panoptic.json").exists() and any((tmp_path / "s").iterdir())
+    with pytest.raises(InputError, match="returns semantic results"):
+        predict_main([str(tiny["fp32", "semantic"]), str(image), "--task", "panoptic", "--out", str(tmp_path / "x"),
+                      "-q"])  # fmt: skip
 
 
 # -- uint8 input ---------------------------------------------------------------------------------------------------
