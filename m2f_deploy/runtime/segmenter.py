@@ -4,6 +4,10 @@ Everything it needs comes from the artifact's metadata: the preprocessing, the l
 axes are dynamic. A static-size artifact gets a fixed canvas (each image fitted into H x W keeping its aspect
 ratio, then padded; the post-processes crop the padding away before resizing to the image's own size); a
 dynamic-size one gets the checkpoint's own resizing, as transformers' processor does it.
+
+A graph exported with ``--heads semantic|instance|panoptic`` returns that task's results itself: ``predict`` feeds
+its threshold inputs and only cuts the maps back to each image (:mod:`m2f_deploy.runtime.heads`); one exported with
+``--input uint8`` gets the images' bytes in a uint8 canvas, normalised in the graph (no float copy here).
 """
 
 from __future__ import annotations
