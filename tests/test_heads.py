@@ -276,10 +276,13 @@ def test_cli(tiny, tmp_path, capsys):
     assert export_main([str(tiny["fp32", "raw"]), "--input", "uint8", "-o", str(u8), "-q"]) == 0
     assert read_onnx_metadata(u8)["input"]["dtype"] == "uint8" and read_onnx_metadata(u8)["fused_heads"] == []
     for bad, message in ((["--heads", "raw", "--head-size", "32", "32"], "--head-size is for"),
-                         (["--heads", "semantic", "--engine"], "not built yet"),
-                         (["--input", "uint8", "--engine"], "not built yet")):  # fmt: skip
+                         (["--heads", "semantic", "--engine"], "rewritten .onnx only"),
+                         (["--input", "uint8", "--engine"], "rewritten .onnx only")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             export_main([str(tiny["fp32", "raw"]), *bad, "-q"])
+    for bad in (["--heads", "semantic"], ["--input", "uint8"]):  # from a checkpoint: refused before the export
+        with pytest.raises(InputError, match="not built yet"):
+            export_main(["--preset", "swin-tiny-coco-panoptic", *bad, "--engine", "-q"])
     with pytest.raises(InputError, match="static size"):
         export_main(["--preset", "swin-tiny-coco-panoptic", "--input", "uint8", "--dynamic-shape", "-q"])
     image = tmp_path / "img.png"
