@@ -68,8 +68,6 @@ def _fused_against_numpy(raw, fused, x, task):
     options = dict(OPTIONS[task])
     _, logits = _run(raw, x)
     meta, outputs = _run(fused, x, **options)
-    if "threshold" in options:
-        options["threshold"] = options["threshold"]
     size = tuple(meta["heads"]["output_size"])
     reference = head_results(meta, ImageProcessor(), logits, size, len(x), **options)
     got = decode(meta, outputs, label_ids_to_fuse=options.get("label_ids_to_fuse"))
