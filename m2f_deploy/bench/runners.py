@@ -178,8 +178,14 @@ def _runtime_runner(
     segmenter = stack.enter_context(Segmenter(artifact, row.backend, threads=threads, batch_size=row.batch))
     row.device = segmenter.description
     stages: dict[str, float] = {}
+    if segmenter.head and row.mode != "model" and task != segmenter.head:
+        raise InputError(f"the artifact returns {segmenter.head} results (a fused head): --task {segmenter.head}")
     if row.mode == "model":
-        x = np.random.default_rng(0).standard_normal((row.batch, 3, target.height, target.width), dtype=np.float32)
+        rng = np.random.default_rng(0)
+        if segmenter.uint8:  # m2f-export --input uint8: bytes in
+            x = rng.integers(0, 256, (row.batch, target.height, target.width, 3), dtype=np.uint8)
+        else:
+            x = rng.standard_normal((row.batch, 3, target.height, target.width), dtype=np.float32)
         return (lambda: segmenter.infer(x)), stages
     image = _image()
     return (lambda: segmenter.predict(image, task, timings=stages)), stages

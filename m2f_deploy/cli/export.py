@@ -52,6 +52,15 @@ def build_parser() -> Parser:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: 17; 18 with --exporter dynamo; 19 for --msda deform_conv)")
     p.add_argument("--fp16", action="store_true", help="fp16 graph with fp32 islands; inputs and outputs stay fp32")
+    p.add_argument("--heads", default="raw", choices=("raw", "semantic", "instance", "panoptic"),
+                   help="raw (default: the logits), or that post-processing in the graph: it returns maps and "
+                        "segment tables, thresholds as inputs (see README 'Fused heads')")
+    p.add_argument("--head-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="size of a fused head's maps (default: the input size)")
+    p.add_argument("--input", default="float32", choices=("float32", "uint8"), dest="input_dtype",
+                   help="float32 (default: normalised NCHW pixel_values) or uint8 (NHWC uint8 images + pixel_mask, "
+                        "normalised in the graph; static size)")
+    # --heads / --input on an .onnx from m2f-export rewrite that graph (no checkpoint needed)
     p.add_argument("--cleanup", default="auto", help="graph clean-up: auto (default), ort, onnxslim, none")
     p.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument("--atol", action="append", default=[], metavar="OUTPUT=TOL",
@@ -171,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         if triton is None:
             raise InputError(f"{args.checkpoint}: an engine is already built; an .engine input is for --triton-repo DIR")
         return _triton_repo(Path(args.checkpoint), args, triton)
+    if args.heads == "raw" and args.head_size:
+        raise InputError("--head-size is for --heads semantic|instance|panoptic (the size of their maps)")
+    if from_onnx and (args.heads != "raw" or args.input_dtype != "float32"):  # rewrite an exported graph
+        return _fuse_onnx(args, triton)
+    if (args.heads != "raw" or args.input_dtype != "float32") and args.engine:
+        raise InputError("--heads / --input uint8 with --engine: engines of such graphs are not built yet (their "
+                         "extra inputs need profiles); run the .onnx with backend ort-tensorrt")  # fmt: skip
     calibration = _calibration_images(args)
     # an .onnx input is built into an engine unless it is only checked, quantized or put in a Triton repository
     # (then --engine builds it too)
@@ -202,10 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(str(args.checkpoint)).stem
     if args.int8 and args.fp16:
         raise InputError("--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)")
-    output = args.output or Path(f"{name}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
+    head = ("" if args.heads == "raw" else f"-{args.heads}") + ("-uint8" if args.input_dtype == "uint8" else "")
+    output = args.output or Path(f"{name}{head}{'-fp16' if args.fp16 else '-int8' if args.int8 else ''}.onnx")
     # check everything that is cheap before the (slow) model load
     check_export_args(height, width, args.batch, args.msda, args.exporter,
                       args.opset or default_opset(args.exporter, args.msda), dynamic_hw=args.dynamic_shape)  # fmt: skip
+    from m2f_deploy.export.heads import check_head_args
+
+    check_head_args(args.heads, args.head_size, dynamic_hw=args.dynamic_shape, int8=args.int8)
+    if args.input_dtype == "uint8" and (args.dynamic_shape or args.int8):
+        raise InputError("--input uint8 needs a static size and is not combined with --int8 yet: "
+                         "drop --dynamic-shape / --int8")  # fmt: skip
     check_output_path(output)
     report_stale_temporaries(output.parent)
 
@@ -226,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             model, fp32_output, height=height, width=width, batch=args.batch, dynamic_batch=not args.static_batch,
             dynamic_hw=args.dynamic_shape, msda=args.msda, opset=args.opset, fp16=args.fp16,
             exporter=args.exporter, cleanup=args.cleanup, validate=not args.no_validate, tolerances=tolerances,
-            seed=args.seed,
+            seed=args.seed, heads=args.heads, head_size=args.head_size, input_dtype=args.input_dtype,
             **({"trt_plugin_version": args.trt_plugin_version} if args.trt_plugin_version is not None else {}),
         )  # fmt: skip
         if calibration:
@@ -365,8 +388,45 @@ def _check_tensorrt(onnx_path: Path, versions: list[str] | None) -> int:
     return 0 if report.ok else 1
 
 
+def _fuse_onnx(args, triton) -> int:
+    from m2f_deploy.export.heads import fuse_onnx
+
+    if args.engine or args.calib or args.int8:
+        raise InputError("--heads / --input on an .onnx: writes the rewritten .onnx only (no --engine, --int8, --calib)")
+    from m2f_deploy.export.uint8_input import uint8_onnx
+
+    source = Path(args.checkpoint)
+    suffix = ("" if args.heads == "raw" else f"-{args.heads}") + ("-uint8" if args.input_dtype == "uint8" else "")
+    output = args.output or source.with_name(f"{source.stem}{suffix}.onnx")
+    validate = not args.no_validate
+    from m2f_deploy.export.onnx_export import check_output_path
+
+    check_output_path(output)
+    with writing(output):
+        if args.heads == "raw":
+            uint8_onnx(source, output, validate=validate, seed=args.seed)
+        elif args.input_dtype == "uint8":
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix=".m2f-export-", dir=output.parent) as tmpdir:
+                fused = fuse_onnx(source, Path(tmpdir) / output.name, args.heads, head_size=args.head_size,
+                                  validate=validate, seed=args.seed)  # fmt: skip
+                uint8_onnx(fused, output, validate=validate, seed=args.seed)
+        else:
+            fuse_onnx(source, output, args.heads, head_size=args.head_size, validate=validate, seed=args.seed)
+    print(output)
+    if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
+        return 1
+    return _triton_repo(output, args, triton) if triton else 0
+
+
 def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -> Path:
+    from m2f_deploy.artifact import read_onnx_metadata
     from m2f_deploy.export.tensorrt import build_engine
+
+    if read_onnx_metadata(onnx_path)["fused_heads"]:
+        raise InputError(f"{onnx_path}: has a fused head; engines of fused-head graphs are not built yet (their "
+                         "threshold inputs need profiles): run it with backend ort-tensorrt")  # fmt: skip
 
     # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
     print(engine := build_engine(onnx_path, output, **engine_args))

@@ -27,7 +27,8 @@ def build_parser() -> Parser:
     )
     p.add_argument("artifact", type=Path, help="an .onnx file from m2f-export, or a TensorRT .engine with its .json")
     p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images (not recursive)")
-    p.add_argument("--task", default="panoptic", choices=TASKS, help="panoptic (default), instance or semantic")
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help="panoptic (default; a fused-head artifact's own task), instance or semantic")
     p.add_argument("-o", "--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
     p.add_argument(
         "--backend",
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         args.artifact, args.backend, threads=args.threads, batch_size=args.batch, postprocess=postprocess
     ) as segmenter:  # closed on every way out: onnxruntime session, post-processing threads
         log.info("%s: %s; %d image(s) -> %s", args.artifact.name, segmenter.description, len(images), args.out)
+        args.task = args.task or segmenter.head or "panoptic"
+        if segmenter.head and args.task != segmenter.head:
+            raise InputError(f"{args.artifact}: returns {segmenter.head} results (exported with --heads "
+                             f"{segmenter.head}), not {args.task}: use --task {segmenter.head}")  # fmt: skip
         fuse = _fuse_ids(args.fuse, segmenter.id2label)
         thresholds = {"threshold": args.threshold, "mask_threshold": args.mask_threshold,
                       "overlap_mask_area_threshold": args.overlap_threshold}  # fmt: skip

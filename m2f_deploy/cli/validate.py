@@ -61,6 +61,9 @@ def _artifact_predictor(path: Path, backend: str) -> tuple[Predict, Any, dict[st
         return seg.infer(inputs[INPUT_NAME]), inputs
 
     about = {"artifact": str(path), "backend": seg.description, "precision": seg.metadata["precision"]}
+    if seg.head:  # a fused head: its outputs, decoded in evaluate()
+        about["fused_head"] = seg.head
+        predict.segmenter = seg  # type: ignore[attr-defined]
     return predict, seg.processor, about, seg.id2label
 
 
@@ -134,6 +137,11 @@ def evaluate(args: Any) -> dict[str, Any]:
     if renamed:
         log.warning("class names differ between the model and the dataset (compared by id): %s", renamed)
     tasks = TASKS if args.task == "all" else (args.task,)
+    head = about.get("fused_head")
+    if head:  # the graph gives one task's results
+        if args.task not in ("all", head):
+            raise InputError(f"{args.model}: returns {head} results (a fused head), not {args.task}: use --task {head}")
+        tasks = (head,)
     stuff = {int(c["id"]) for c in dataset.categories if not c["isthing"]}
     panoptic = evaluation.PanopticEvaluator(dataset.categories)
     semantic = evaluation.SemanticEvaluator(len(labels))
@@ -145,8 +153,15 @@ def evaluate(args: Any) -> dict[str, Any]:
         image = record.image()
         outputs, inputs = predict(image)
         common = {"target_sizes": inputs["original_sizes"], "pixel_mask": inputs["pixel_mask"]}
-        needed = set(tasks) | ({"semantic", "panoptic"} if reference is not None else set())
-        results = _post(processor, outputs, needed, args.threshold, stuff, common)
+        if head:
+            from m2f_deploy.runtime.heads import decode
+
+            seg = predict.segmenter  # type: ignore[attr-defined]
+            outputs = seg.infer(inputs[INPUT_NAME], threshold=args.threshold, label_ids_to_fuse=stuff)
+            results = {head: decode(seg.metadata, outputs, label_ids_to_fuse=stuff, **common)[0]}
+        else:
+            needed = set(tasks) | ({"semantic", "panoptic"} if reference is not None else set())
+            results = _post(processor, outputs, needed, args.threshold, stuff, common)
         if "panoptic" in tasks:
             panoptic.update(results["panoptic"], record.ground_truth())
         if "semantic" in tasks:
@@ -156,9 +171,11 @@ def evaluate(args: Any) -> dict[str, Any]:
         if reference is not None:
             ref = _post(processor, _torch_outputs(reference, inputs[INPUT_NAME]), ("semantic", "panoptic"),
                         args.threshold, stuff, common)  # fmt: skip
-            agree_pixels.append(semantic_agreement([ref["semantic"]], [results["semantic"]]))
-            m, n = matched_segments([ref["panoptic"]], [results["panoptic"]])
-            agree_segments = [agree_segments[0] + m, agree_segments[1] + n]
+            if "semantic" in results:
+                agree_pixels.append(semantic_agreement([ref["semantic"]], [results["semantic"]]))
+            if "panoptic" in results:
+                m, n = matched_segments([ref["panoptic"]], [results["panoptic"]])
+                agree_segments = [agree_segments[0] + m, agree_segments[1] + n]
         progress.step(record.image_path.name)
     progress.close()
     report: dict[str, Any] = {"model": about, "data": str(args.data), "images": len(records)}
@@ -175,7 +192,7 @@ def evaluate(args: Any) -> dict[str, Any]:
         report.update(AP=ap.ap, AP50=ap.ap50, AP75=ap.ap75)
     if reference is not None:
         report["agreement"] = {
-            "semantic_pixels": 100 * float(np.mean(agree_pixels)),
+            "semantic_pixels": 100 * float(np.mean(agree_pixels)) if agree_pixels else None,
             "panoptic_segments_matched": agree_segments,
         }
     return report
@@ -216,7 +233,8 @@ def format_report(report: dict[str, Any]) -> str:
     agree = "n/a (no reference)"
     if agreement:
         m, n = agreement["panoptic_segments_matched"]
-        agree = f"{agreement['semantic_pixels']:.2f}% pixels, {m}/{n} segments"
+        pixels = agreement["semantic_pixels"]
+        agree = f"{'n/a' if pixels is None else f'{pixels:.2f}%'} pixels, {m}/{n} segments"
     lines.append("| " + " | ".join(cell(report[k]) for k in keys) + f" | {agree} |")
     return "\n".join(lines)
 

@@ -273,6 +273,13 @@ def _save(model: onnx.ModelProto, f: Path) -> None:
         onnx.save_model(model, str(f))
 
 
+def _with_metadata(graph: onnx.ModelProto, meta: dict[str, Any]) -> onnx.ModelProto:
+    del graph.metadata_props[:]
+    graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
+    graph.producer_name, graph.producer_version = "m2f-deploy", m2f_deploy.__version__
+    return graph
+
+
 def _publish(tmp: Path, path: Path) -> None:
     data = tmp.with_name(tmp.name + ".data")
     if data.exists():  # the graph refers to its data by the final name: move the data first
@@ -299,6 +306,9 @@ def export_onnx(
     tolerances: dict[str, float] | None = None,
     seed: int = 0,
     trt_plugin_version: int = msda_flavours.DEFAULT_PLUGIN_VERSION,
+    heads: str = "raw",
+    head_size: tuple[int, int] | None = None,
+    input_dtype: str = "float32",
 ) -> Path:
     """Export ``model`` to an ONNX file at ``path`` and return the path.
 
@@ -310,10 +320,25 @@ def export_onnx(
     and 11, deprecated from 10.11; 2: TensorRT >= 10.11), recorded in the metadata.
     validate: compare onnxruntime with the model before publishing; a miss raises
     :class:`~m2f_deploy.export.validate.ValidationError` and writes nothing.
+    heads: ``raw`` (the logits) or ``semantic`` | ``instance`` | ``panoptic``: that post-process appended to the
+    graph (:mod:`m2f_deploy.export.heads`), its maps at ``head_size`` (default: the input size); the logits graph is
+    validated against the model, then the fused graph against the numpy post-processing of the logits graph.
+    input_dtype: ``float32`` (``pixel_values``) or ``uint8`` (``images`` NHWC uint8 and ``pixel_mask``, normalised
+    in the graph: :mod:`m2f_deploy.export.uint8_input`), checked equal to the float graph.
     """
     opset = default_opset(exporter, msda) if opset is None else opset
     path = Path(path)
     check_export_args(height, width, batch, msda, exporter, opset, dynamic_hw=dynamic_hw)
+    from m2f_deploy.export.heads import check_head_args
+
+    check_head_args(heads, head_size, dynamic_hw=dynamic_hw)
+    from m2f_deploy.export.uint8_input import INPUTS
+
+    if input_dtype not in INPUTS:
+        raise InputError(f"unknown input {input_dtype!r}; choose one of {', '.join(INPUTS)}")
+    if input_dtype == "uint8" and dynamic_hw:
+        raise InputError("--input uint8 needs a static input size (images are copied into its canvas): "
+                         "drop --dynamic-shape")  # fmt: skip
     msda_flavours.check_plugin_version(trt_plugin_version)
     if cleanup not in CLEANUPS:
         raise InputError(f"unknown clean-up {cleanup!r}{did_you_mean(cleanup, CLEANUPS)}; choose one of {', '.join(CLEANUPS)}")
@@ -362,11 +387,9 @@ def export_onnx(
                 **({"trt_plugin_version": trt_plugin_version} if msda == "trt_plugin" else {}),
             },
         )  # fmt: skip
-        del graph.metadata_props[:]
-        graph.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta))
-        graph.producer_name, graph.producer_version = "m2f-deploy", m2f_deploy.__version__
-        out = Path(tmpdir) / path.name
-        _save(graph, out)
+        last = heads == "raw" and input_dtype == "float32"
+        out = Path(tmpdir) / (path.name if last else f"logits-{path.name}")
+        _save(_with_metadata(graph, meta), out)
         if validate:
             from m2f_deploy.export.validate import validate_onnx
 
@@ -374,6 +397,17 @@ def export_onnx(
                 report = validate_onnx(model, out, tolerances=tolerances, seed=seed)
             log.info("\n%s", report.format())
             report.raise_if_failed(path)
+        if heads != "raw":
+            from m2f_deploy.export.heads import fuse_onnx
+
+            with stage(f"{heads} head (validated against the numpy post-processing)" if validate else f"{heads} head"):
+                fused = Path(tmpdir) / (path.name if input_dtype == "float32" else f"fused-{path.name}")
+                out = fuse_onnx(out, fused, heads, head_size=head_size, validate=validate, seed=seed)
+        if input_dtype == "uint8":
+            from m2f_deploy.export.uint8_input import uint8_onnx
+
+            with stage("uint8 input" + (" (checked against the float graph)" if validate else "")):
+                out = uint8_onnx(out, Path(tmpdir) / path.name, validate=validate, seed=seed)
         _publish(out, path)
     log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path

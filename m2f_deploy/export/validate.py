@@ -169,3 +169,147 @@ def validate_onnx(
             processor.post_process_panoptic_segmentation(got, target_sizes=sizes),
         )
     return report
+
+
+# -- fused heads: the fused graph against our numpy post-processing of the logits graph ----------------------------
+MIN_HEAD_SEMANTIC_AGREEMENT = 0.999
+HEAD_SCORE_TOLERANCE = 1e-3
+SEMANTIC_TIE = 1e-5
+"""A pixel whose two best class scores (numpy) differ by at most this (relative) is a tie within float error: either
+class is right there. On the tiny model's noise inputs such pixels are ~0.1 % (gaps of ~5e-9)."""
+
+
+@dataclass
+class HeadCase:
+    shape: tuple[int, int, int, int]
+    task: str
+    semantic_agreement: float = float("nan")  # semantic: share of identical pixels
+    semantic_agreement_ties: float = float("nan")  # the same, counting float ties (SEMANTIC_TIE) as agreeing
+    # instance / panoptic: segments of the numpy result paired with a fused one of the same label and a score within
+    # HEAD_SCORE_TOLERANCE; semantic_agreement is then the share of pixels whose segment has the same label
+    matched: tuple[int, int] = (0, 0)
+    segments: tuple[int, int] = (0, 0)  # segments found: reference, fused
+    max_score_error: float = 0.0  # largest |score difference| of a numpy segment to its nearest fused one
+
+    @property
+    def ok(self) -> bool:
+        if self.task == "semantic":
+            return self.semantic_agreement_ties >= MIN_HEAD_SEMANTIC_AGREEMENT
+        return (
+            self.matched[0] == self.matched[1]
+            and self.segments[0] == self.segments[1]
+            and self.semantic_agreement >= MIN_HEAD_SEMANTIC_AGREEMENT
+        )
+
+
+@dataclass
+class HeadReport:
+    cases: list[HeadCase]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.cases)
+
+    def format(self) -> str:
+        lines = ["| input | head | pixel agreement (with float ties) | segments matched | segments (numpy / graph) | max score err | ok |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for c in self.cases:
+            lines.append(
+                f"| {'x'.join(map(str, c.shape))} | {c.task} | {c.semantic_agreement:.3%} ({c.semantic_agreement_ties:.3%}) | {c.matched[0]}/{c.matched[1]} "
+                f"| {c.segments[0]} / {c.segments[1]} | {c.max_score_error:.2g} | {'ok' if c.ok else 'FAIL'} |"
+            )
+        return "\n".join(lines)
+
+    def raise_if_failed(self, what: str | os.PathLike) -> None:
+        if not self.ok:
+            raise ValidationError(
+                f"{what}: the fused head does not match the numpy post-processing of the logits graph "
+                f"(nothing was written; --no-validate skips this gate):\n{self.format()}"
+            )
+
+
+def compare_head(task: str, reference: list, fused: list, shape: tuple[int, ...] = ()) -> HeadCase:
+    """The fused head's results against the numpy post-processing's, image by image (same sizes)."""
+    case = HeadCase(tuple(shape), task)  # type: ignore[arg-type]
+    if task == "semantic":
+        if reference and isinstance(reference[0], dict):  # with scores: ties within float error agree too
+            maps = [r["segmentation"] for r in reference]
+            shares = []
+            for r, got in zip(reference, fused, strict=True):
+                scores, got = r["segmentation_scores"], np.asarray(got)
+                at = np.take_along_axis(scores, got[None].astype(np.int64), 0)[0]
+                best = scores.max(0)
+                shares.append(float(np.mean(at >= best - SEMANTIC_TIE * np.maximum(1.0, np.abs(best)))))
+            case.semantic_agreement_ties = float(np.mean(shares))
+            reference = maps
+        case.semantic_agreement = semantic_agreement(reference, fused)
+        if np.isnan(case.semantic_agreement_ties):
+            case.semantic_agreement_ties = case.semantic_agreement
+        return case
+    case.segments = (sum(len(r["segments_info"]) for r in reference), sum(len(f["segments_info"]) for f in fused))
+    matched = total = 0
+    pixels = []
+    for ref, got in zip(reference, fused, strict=True):
+        pixels.append(float(np.mean(_label_map(ref) == _label_map(got))))
+        free = list(got["segments_info"])
+        for sr in ref["segments_info"]:  # paired by label and nearest score (instance masks overlap: no IoU)
+            total += 1
+            same = [sg for sg in free if sg["label_id"] == sr["label_id"]]
+            if not same:
+                continue
+            best = min(same, key=lambda sg: abs(sg["score"] - sr["score"]))
+            error = abs(best["score"] - sr["score"])
+            if error <= HEAD_SCORE_TOLERANCE:
+                matched += 1
+                free.remove(best)
+            case.max_score_error = max(case.max_score_error, error)
+    case.matched = (matched, total)
+    case.semantic_agreement = case.semantic_agreement_ties = float(np.mean(pixels)) if pixels else 1.0
+    return case
+
+
+def _label_map(result: dict) -> np.ndarray:
+    """A panoptic or instance result's segmentation as labels (-1: no segment): comparable whatever the ids."""
+    ids = np.asarray(result["segmentation"]).astype(np.int64)
+    table = {int(s["id"]): int(s["label_id"]) for s in result["segments_info"]}
+    out = np.full(ids.shape, -1, np.int64)
+    for segment_id, label in table.items():
+        out[ids == segment_id] = label
+    return out
+
+
+def head_results(meta: dict, processor, outputs: dict, size: tuple[int, int], batch: int, **options) -> list:
+    """Our numpy post-processing of logits ``outputs`` at ``size``, as the head of ``meta`` computes it."""
+    sizes = [size] * batch
+    task = meta["fused_heads"][0]
+    if task == "semantic":
+        return processor.post_process_semantic_segmentation(outputs, target_sizes=sizes, return_segmentation_scores=True)
+    if task == "instance":
+        return processor.post_process_instance_segmentation(outputs, threshold=options.get("threshold", 0.5),
+                                                            target_sizes=sizes)  # fmt: skip
+    return processor.post_process_panoptic_segmentation(
+        outputs, options.get("threshold", 0.5), options.get("mask_threshold", 0.5),
+        options.get("overlap_mask_area_threshold", 0.8), options.get("label_ids_to_fuse"), target_sizes=sizes,
+    )  # fmt: skip
+
+
+def validate_head(logits_path: str | os.PathLike, fused_path: str | os.PathLike, *, seed: int = 0) -> HeadReport:
+    """Run the logits graph and the fused graph on the same seeded inputs; compare the fused head's results with
+    our numpy post-processing of the logits (at the head's output size, default thresholds)."""
+    from m2f_deploy.processing import ImageProcessor
+    from m2f_deploy.runtime.heads import decode, head_inputs
+
+    meta = read_onnx_metadata(fused_path)
+    logits_sess, fused_sess = session(logits_path, meta["msda"]), session(fused_path, meta["msda"])
+    processor = ImageProcessor()
+    size = tuple(meta["heads"]["output_size"])
+    generator = torch.Generator().manual_seed(seed)
+    report = HeadReport([])
+    for shape in _cases(meta):
+        x = torch.randn(*shape, generator=generator).numpy()
+        logits = dict(zip([o.name for o in logits_sess.get_outputs()], logits_sess.run(None, {INPUT_NAME: x})))
+        feeds = {INPUT_NAME: x, **head_inputs(meta, shape[0])}
+        fused = dict(zip([o.name for o in fused_sess.get_outputs()], fused_sess.run(None, feeds)))
+        reference = head_results(meta, processor, logits, size, shape[0])
+        report.cases.append(compare_head(meta["fused_heads"][0], reference, decode(meta, fused), shape))
+    return report

@@ -193,6 +193,50 @@ class ImageProcessor:
         encoded["original_sizes"] = np.array([p.shape[1:] for p in pictures], dtype=np.int64).reshape(-1, 2)
         return encoded
 
+    def preprocess_uint8(self, images: Any, *, input_data_format: str | None = None) -> dict[str, Any]:
+        """For graphs exported with ``m2f-export --input uint8`` (normalisation in the graph): each image resized as
+        :meth:`preprocess` resizes it (Pillow, through uint8, as HF does) and copied into a uint8 canvas; no float
+        copy is made. Needs a ``canvas``.
+
+        Returns ``images`` ``[B, H, W, 3]`` uint8 (zeros on padding), ``pixel_mask`` ``[B, H, W]`` uint8 (1 on image
+        pixels) and ``original_sizes`` ``[B, 2]`` int64. :func:`uint8_table` gives the values the graph maps each
+        byte to: the very values :meth:`preprocess` computes.
+        """
+        s = self.settings
+        if s.canvas is None:
+            raise InputError("preprocess_uint8 needs a canvas (a static-size graph): ImageProcessor(canvas=(H, W))")
+        channels_last = img.channels_last_flag(input_data_format)
+        pictures = [
+            img.to_rgb(item, f"images[{i}]", channels_last)
+            for i, item in enumerate(img.flat_list(images, "images", 3))
+        ]
+        height, width = s.canvas
+        out = np.zeros((len(pictures), height, width, 3), np.uint8)
+        pixel_mask = np.zeros((len(pictures), height, width), np.uint8)
+        for i, picture in enumerate(pictures):
+            name = f"images[{i}]"
+            if picture.dtype != np.uint8:
+                if picture.dtype.kind not in "iu" or picture.min() < 0 or picture.max() > 255:
+                    raise InputError(f"{name}: a uint8 graph takes 8-bit images (0..255), got {picture.dtype}")
+                picture = picture.astype(np.uint8)
+            size = self._output_size(picture.shape[1:], s, i)
+            if size != picture.shape[1:]:
+                picture = img.resize_rgb(picture, size, s.resample, name)
+            h, w = size
+            out[i, :h, :w] = np.moveaxis(picture, 0, -1)
+            pixel_mask[i, :h, :w] = 1
+        sizes = np.array([p.shape[1:] for p in pictures], dtype=np.int64).reshape(-1, 2)
+        return {"images": out, "pixel_mask": pixel_mask, "original_sizes": sizes}
+
+    def uint8_table(self) -> np.ndarray:
+        """``[3, 256]`` float32: what :meth:`preprocess` makes of each byte value per channel (rescale, normalize)."""
+        s = self.settings
+        values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
+        return img.rescale_and_normalize(
+            values, s.rescale_factor if s.do_rescale else None, s.image_mean if s.do_normalize else None,
+            s.image_std if s.do_normalize else None,
+        )[:, 0]  # fmt: skip
+
     def encode_inputs(
         self,
         pixel_values_list: Sequence[Any],

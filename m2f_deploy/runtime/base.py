@@ -26,6 +26,7 @@ class InputSpec:
     height: tuple[int, int]
     width: tuple[int, int]
     multiple: int = HW_MULTIPLE
+    dtype: str = "float32"  # "uint8": ``images`` [B, H, W, 3] uint8 (m2f-export --input uint8)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> InputSpec:
@@ -33,6 +34,8 @@ class InputSpec:
         inp = meta["input"]
         multiple = inp.get("hw_multiple", HW_MULTIPLE)
         batch = (1, UNBOUNDED) if inp["dynamic_batch"] else (inp["batch"], inp["batch"])
+        if inp.get("dtype") == "uint8":
+            return cls(batch, (inp["height"],) * 2, (inp["width"],) * 2, multiple, "uint8")
         if inp["dynamic_hw"]:
             return cls(batch, (multiple, UNBOUNDED), (multiple, UNBOUNDED), multiple)
         return cls(batch, (inp["height"],) * 2, (inp["width"],) * 2, multiple)
@@ -51,9 +54,15 @@ class InputSpec:
     def check(self, pixel_values: Any, where: str) -> np.ndarray:
         """``pixel_values`` as a contiguous float32 array, or one :class:`InputError` saying what is wrong."""
         x = np.asarray(pixel_values)
-        if x.dtype.kind != "f" or x.ndim != 4 or x.shape[1] != 3:
+        if self.dtype == "uint8":
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
+                raise InputError(f"images must be a uint8 [B, H, W, 3] array (this graph takes 8-bit images), "
+                                 f"got {x.dtype} {x.shape}")  # fmt: skip
+            b, h, w, _ = x.shape
+        elif x.dtype.kind != "f" or x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"{INPUT_NAME} must be a float [B, 3, H, W] array, got {x.dtype} {x.shape}")
-        b, _, h, w = x.shape
+        else:
+            b, _, h, w = x.shape
         static = self.static_hw
         if static is not None:
             if (h, w) != static:
@@ -68,7 +77,7 @@ class InputSpec:
                 )
         if not self.batch[0] <= b <= self.batch[1]:
             raise InputError(f"{INPUT_NAME} has batch {b}: {where} takes {_span(self.batch)}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=np.uint8 if self.dtype == "uint8" else np.float32)
 
 
 def _span(bounds: tuple[int, int]) -> str:
@@ -85,10 +94,13 @@ class BaseRunner:
     backend: str
     description: str
 
-    def infer(self, pixel_values: Any) -> dict[str, np.ndarray]:
-        """Raw float32 outputs by name for ``pixel_values`` ``[B, 3, H, W]``, checked against the artifact first."""
+    def infer(self, pixel_values: Any, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name for ``pixel_values`` ``[B, 3, H, W]``, checked against the artifact first (float outputs
+        as float32; a fused head's integer and bool outputs as they are). ``extra``: a fused head's other inputs
+        (thresholds, see :mod:`m2f_deploy.runtime.heads`)."""
         name = getattr(self.path, "name", str(self.path))
-        return self.infer_impl(self.input_spec.check(pixel_values, name))
+        checked = self.input_spec.check(pixel_values, name)
+        return self.infer_impl(checked, extra) if extra else self.infer_impl(checked)
 
     def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError

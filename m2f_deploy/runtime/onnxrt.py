@@ -128,8 +128,11 @@ class OnnxRuntimeRunner(BaseRunner):
             self.description += " (TensorRT MSDA plugin through the numpy stand-in: for checks, slow)"
         self.output_names = [o.name for o in self.session.get_outputs()]
         inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != [INPUT_NAME]:
-            raise InputError(f"{path}: inputs are {inputs}, expected [{INPUT_NAME!r}]")
+        self.input_name = meta["input"].get("name", INPUT_NAME)  # "images" for a uint8 graph, then its pixel_mask
+        mask = [meta["input"]["mask"]] if meta["input"].get("mask") else []
+        expected = [self.input_name, *mask, *(meta.get("heads") or {}).get("inputs", {})]  # then a head's thresholds
+        if inputs != expected:
+            raise InputError(f"{path}: inputs are {inputs}, expected {expected}")
         check_graph_matches_metadata(
             path, meta, self.session.get_inputs()[0].shape,
             {o.name: o.shape for o in self.session.get_outputs()},
@@ -177,23 +180,24 @@ class OnnxRuntimeRunner(BaseRunner):
             )
         return session
 
-    def infer_impl(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def infer_impl(self, pixel_values: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Raw outputs by name. ``InputError`` when onnxruntime rejects ``pixel_values`` (its type or shape against
         the graph's input); any other failure while running is the backend's or the graph's: ``BackendError``."""
         try:
-            outputs = self.session.run(None, {INPUT_NAME: pixel_values})
+            outputs = self.session.run(None, {self.input_name: pixel_values, **(extra or {})})
         except M2FError:
             raise  # the plugin stand-in's own typed errors
         except Exception as e:  # onnxruntime's exception types live in a private module: told apart by name
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            given = f"{INPUT_NAME} {pixel_values.dtype} {list(pixel_values.shape)}"
+            given = f"{self.input_name} {pixel_values.dtype} {list(pixel_values.shape)}"
             if type(e).__name__ == "InvalidArgument" or "INVALID_ARGUMENT" in message:
                 raise InputError(f"{self.path}: onnxruntime rejects {given}: {message}") from None
             raise BackendError(
                 f"{self.path}: onnxruntime ({self.backend}) failed running on {given}: {message}"
             ) from None
         return {
-            name: np.asarray(value, dtype=np.float32) for name, value in zip(self.output_names, outputs, strict=True)
+            name: np.asarray(value, dtype=np.float32) if np.asarray(value).dtype.kind == "f" else np.asarray(value)
+            for name, value in zip(self.output_names, outputs, strict=True)
         }
 
     def close(self) -> None:
@@ -207,7 +211,9 @@ def check_graph_matches_metadata(path: Path, meta: dict[str, Any], input_shape: 
     inp = meta["input"]
     said = {"batch": "dynamic" if inp["dynamic_batch"] else inp["batch"]}
     said.update({axis: "dynamic" if inp["dynamic_hw"] else inp[axis] for axis in ("height", "width")})
-    axes = dict(zip(("batch", "channels", "height", "width"), input_shape))
+    nhwc = inp.get("dtype") == "uint8"  # a uint8 graph takes NHWC images
+    axes = dict(zip(("batch", "height", "width", "channels") if nhwc else ("batch", "channels", "height", "width"),
+                    input_shape))  # fmt: skip
     for axis, value in said.items():
         real = axes.get(axis)
         if isinstance(real, int) and real > 0 and real != value:  # a named (str) or unknown axis is dynamic

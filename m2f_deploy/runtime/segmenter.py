@@ -4,6 +4,10 @@ Everything it needs comes from the artifact's metadata: the preprocessing, the l
 axes are dynamic. A static-size artifact gets a fixed canvas (each image fitted into H x W keeping its aspect
 ratio, then padded; the post-processes crop the padding away before resizing to the image's own size); a
 dynamic-size one gets the checkpoint's own resizing, as transformers' processor does it.
+
+A graph exported with ``--heads semantic|instance|panoptic`` returns that task's results itself: ``predict`` feeds
+its threshold inputs and only cuts the maps back to each image (:mod:`m2f_deploy.runtime.heads`); one exported with
+``--input uint8`` gets the images' bytes in a uint8 canvas, normalised in the graph (no float copy here).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.processing.image_processor import POSTPROCESS, check_thresholds
 from m2f_deploy.processing.images import flat_list
 from m2f_deploy.processing.postprocess.threads import check_threads
-from m2f_deploy.runtime import onnxrt
+from m2f_deploy.runtime import heads, onnxrt
 from m2f_deploy.runtime.images import load_image
 from m2f_deploy.utils import did_you_mean
 
@@ -95,6 +99,9 @@ class Segmenter:
         check_artifact_path(path)
         if path.suffix == ".engine":
             self.metadata = read_engine_metadata(path)
+            if heads.fused_head(self.metadata):
+                raise InputError(f"{path}: an engine with a fused head: the TensorRT runner does not feed the head's "
+                                 "inputs yet; run the .onnx with backend 'ort-tensorrt'")  # fmt: skip
             if backend not in ("auto", "tensorrt"):
                 raise InputError(f"{path}: a TensorRT engine runs on backend 'tensorrt' only, not {backend!r}")
             from m2f_deploy.runtime.tensorrt import TensorRTRunner
@@ -112,6 +119,10 @@ class Segmenter:
         self.path = path
         self.backend: str = self._runner.backend
         self.id2label: dict[int, str] = self.metadata["id2label"]
+        self.uint8: bool = self.metadata["input"].get("dtype") == "uint8"
+        """Whether the graph takes uint8 images (``m2f-export --input uint8``): :meth:`predict` then feeds bytes."""
+        self.head: str | None = heads.fused_head(self.metadata)
+        """The task a fused-head graph returns (``m2f-export --heads``), or None: logits, post-processed here."""
         inp = self.metadata["input"]
         self.dynamic_hw: bool = inp["dynamic_hw"]
         self.input_size: tuple[int, int] = (inp["height"], inp["width"])
@@ -148,9 +159,20 @@ class Segmenter:
 
     # -- raw outputs -----------------------------------------------------------------------------------------------
 
-    def infer(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives)."""
-        return self._runner.infer(pixel_values)  # checked once, by the runner (runtime/base.py)
+    def infer(self, pixel_values: np.ndarray, pixel_mask: np.ndarray | None = None, **head_options: Any) -> dict[str, np.ndarray]:
+        """Raw outputs by name for ``pixel_values`` ``[B, 3, H, W]`` float32 (normalized, as ``preprocess`` gives);
+        for a uint8-input graph (:attr:`uint8`), ``images`` ``[B, H, W, 3]`` uint8 and its ``pixel_mask``
+        ``[B, H, W]`` (default: all image), as ``processor.preprocess_uint8`` gives them.
+
+        A fused-head graph's outputs are its head's (:mod:`m2f_deploy.export.heads`); ``head_options`` set its
+        inputs (``threshold``, ``mask_threshold``, ``overlap_mask_area_threshold``, ``label_ids_to_fuse``;
+        missing ones: the metadata's defaults)."""
+        extra = heads.head_inputs(self.metadata, len(pixel_values), **head_options) if self.head else {}
+        if self.uint8:
+            if pixel_mask is None:
+                pixel_mask = np.ones(np.shape(pixel_values)[:3], np.uint8)
+            extra = {self.metadata["input"]["mask"]: np.ascontiguousarray(pixel_mask, np.uint8), **extra}
+        return self._runner.infer(pixel_values, extra or None)  # checked once, by the runner (runtime/base.py)
 
     # -- results ---------------------------------------------------------------------------------------------------
 
@@ -181,16 +203,38 @@ class Segmenter:
             raise InputError(f"unknown task {task!r}{did_you_mean(task, TASKS)}; choose one of {', '.join(TASKS)}")
         check_thresholds(threshold=threshold, mask_threshold=mask_threshold,
                          overlap_mask_area_threshold=overlap_mask_area_threshold)  # fmt: skip
+        if self.head and task != self.head:
+            raise InputError(f"{self.path.name} returns {self.head} results (exported with --heads {self.head}), "
+                             f"not {task}: use task {self.head!r} or an artifact exported with --heads raw")  # fmt: skip
         items = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in flat_list(images, "images", 3)]
         clock = timings if timings is not None else {}
         results: list[Any] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             with timed(clock, "preprocess"):
-                inputs = self.processor.preprocess(chunk, input_data_format=input_data_format)
-                pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
+                if self.uint8:  # bytes into the canvas, no float copy: the graph normalises
+                    inputs = self.processor.preprocess_uint8(chunk, input_data_format=input_data_format)
+                    pixel_values, pixel_mask = self._fit_batch_uint8(inputs["images"], inputs["pixel_mask"])
+                else:
+                    inputs = self.processor.preprocess(chunk, input_data_format=input_data_format)
+                    pixel_values, pixel_mask = self._fit_batch(inputs[INPUT_NAME], inputs["pixel_mask"])
+            feed = {"pixel_mask": pixel_mask} if self.uint8 else {}
+            if self.head:
+                with timed(clock, "inference"):
+                    outputs = self.infer(
+                        pixel_values, **feed, threshold=threshold, mask_threshold=mask_threshold,
+                        overlap_mask_area_threshold=overlap_mask_area_threshold, label_ids_to_fuse=label_ids_to_fuse,
+                    )  # fmt: skip
+                with timed(clock, "postprocess"):  # what is left: cut each map back to its image
+                    results += heads.decode(
+                        self.metadata, {k: v[: len(chunk)] for k, v in outputs.items()},
+                        target_sizes=inputs["original_sizes"], pixel_mask=pixel_mask[: len(chunk)],
+                        label_ids_to_fuse=label_ids_to_fuse, return_coco_annotation=return_coco_annotation,
+                        return_binary_maps=return_binary_maps,
+                    )  # fmt: skip
+                continue
             with timed(clock, "inference"):
-                outputs = self.infer(pixel_values)
+                outputs = self.infer(pixel_values, **feed)
             outputs = {k: v[: len(chunk)] for k, v in outputs.items() if k in OUTPUT_NAMES}
             with timed(clock, "postprocess"):
                 common = dict(
@@ -215,6 +259,14 @@ class Segmenter:
                         **common,
                     )
         return results
+
+    def _fit_batch_uint8(self, images: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pad the batch to a static batch (the canvas is the graph's size already)."""
+        pad_b = max(self._batch_range[0] - len(images), 0)
+        if pad_b:
+            images = np.pad(images, ((0, pad_b), (0, 0), (0, 0), (0, 0)))
+            pixel_mask = np.pad(pixel_mask, ((0, pad_b), (0, 0), (0, 0)))
+        return images, pixel_mask
 
     def _fit_batch(self, pixel_values: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pad height and width to the graph's multiple (dynamic size) and the batch to a static batch."""
