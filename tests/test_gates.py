@@ -38,19 +38,20 @@ CONV_B = np.array([0.5, 0.5, 0.0], np.float32)
 
 
 def write_graph(path, *, precision="fp32", dynamic_batch=True, dynamic_hw=True, output_names=None, batch=1,
-                class_logits=CLASS, preprocessing=None, conv_weight=CONV_W):
+                class_logits=CLASS, preprocessing=None, conv_weight=CONV_W, conv_bias=CONV_B, id2label=None):
     """An ONNX graph with the artifact's input, outputs and metadata: masks = Conv(x), class = ``class_logits`` per
     image (also the artifact of the runtime's and CLIs' flag tests: fast, and its class scores are known)."""
     names = output_names or ["class_queries_logits", "masks_queries_logits"]
     dims = ["N" if dynamic_batch else batch, 3, "H" if dynamic_hw else 64, "W" if dynamic_hw else 64]
     x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, dims)
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+    queries, columns = np.shape(class_logits)
     inits = [
-        numpy_helper.from_array(conv_weight, "w"),
-        numpy_helper.from_array(CONV_B, "b"),
-        numpy_helper.from_array(np.zeros((3, Q * (LABELS + 1)), np.float32), "zero"),
+        numpy_helper.from_array(np.asarray(conv_weight, np.float32), "w"),
+        numpy_helper.from_array(np.asarray(conv_bias, np.float32), "b"),
+        numpy_helper.from_array(np.zeros((3, queries * columns), np.float32), "zero"),
         numpy_helper.from_array(np.asarray(class_logits, np.float32).reshape(-1), "cls"),
-        numpy_helper.from_array(np.array([-1, Q, LABELS + 1], np.int64), "shape"),
+        numpy_helper.from_array(np.array([-1, queries, columns], np.int64), "shape"),
     ]
     nodes = [
         helper.make_node("Conv", ["pixel_values", "w", "b"], [names[1]], strides=[4, 4], kernel_shape=[4, 4]),
@@ -62,8 +63,9 @@ def write_graph(path, *, precision="fp32", dynamic_batch=True, dynamic_hw=True, 
     model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     meta = build_metadata(
-        id2label={0: "a", 1: "b"}, num_queries=Q, preprocessing=preprocessing or {}, height=64, width=64, batch=batch,
-        dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, msda="gather", precision=precision, source={}, exporter={},
+        id2label=id2label or {0: "a", 1: "b"}, num_queries=queries, preprocessing=preprocessing or {}, height=64,
+        width=64, batch=batch, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, msda="gather", precision=precision,
+        source={}, exporter={},
     )  # fmt: skip
     import json
 
