@@ -188,6 +188,8 @@ def test_wrong_output_names_and_shapes_are_problems(tmp_path):
     assert not report.ok
     assert report.cases[0].problem == ("outputs are ['class_logits', 'masks_queries_logits'], expected "
                                        "['class_queries_logits', 'masks_queries_logits']")  # fmt: skip
+    assert [c.shape for c in report.cases] == [(1, 3, 64, 64), (2, 3, 96, 32)]  # a problem does not end the check
+    assert all(c.problem and c.problem.startswith("outputs are") for c in report.cases)
     assert "| 1x3x64x64 | outputs are" in report.format() and report.format().endswith("| FAIL |")
     graph = write_graph(tmp_path / "m.onnx")
     report = validate_onnx(Reference(queries=2), graph)
@@ -242,3 +244,40 @@ def test_the_tolerances_follow_the_precision(tmp_path):
     report = validate_onnx(Reference(class_delta=delta), path)
     assert report.ok, report.format()
     assert _checks(report.cases[0])["class_queries_logits"].tolerance == 0.25
+
+
+def test_report_format():
+    ok = CaseReport((2, 3, 64, 96), [OutputCheck("class_queries_logits", 0.001, 0.0001, 0.02)], 0.995, (3, 4))
+    report = ValidationReport([CaseReport((1, 3, 32, 32), problem="shape mismatch: x"), ok])
+    assert report.format() == "\n".join([
+        "| input | output | max abs err | mean abs err | tolerance | semantic agreement | panoptic matched | ok |",
+        "|---|---|---|---|---|---|---|---|",
+        "| 1x3x32x32 | shape mismatch: x | | | | | | FAIL |",
+        "| 2x3x64x96 | class_queries_logits | 0.001 | 0.0001 | 0.02 | 99.50% | 3/4 | ok |",
+    ])  # fmt: skip
+
+
+# -- the agreement measures the gates use ----------------------------------------------------------------------------
+def test_agreement_errors_name_the_measure():
+    from m2f_deploy.errors import InputError
+    from m2f_deploy.export.agreement import matched_segments, semantic_agreement
+
+    one = [np.zeros((2, 2))]
+    for call, message in (
+        (lambda: semantic_agreement(one, one * 2), "semantic agreement: 1 reference results against 2 others; give one per image"),
+        (lambda: semantic_agreement([], []), "semantic agreement: no images"),
+        (lambda: semantic_agreement(one, [np.zeros((2, 3))]), "semantic agreement: maps of shapes (2, 2) and (2, 3)"),
+        (lambda: matched_segments([], [{}]), "matched segments: 0 reference results against 1 others; give one per image"),
+    ):  # fmt: skip
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(e.value) == message
+
+
+def test_a_segment_of_another_label_listed_first_does_not_stop_the_search():
+    from m2f_deploy.export.agreement import matched_segments
+
+    seg = np.array([[1, 1], [2, 2]])
+    reference = [{"segmentation": seg, "segments_info": [{"id": 1, "label_id": 5}]}]
+    other = [{"segmentation": seg, "segments_info": [{"id": 2, "label_id": 6}, {"id": 1, "label_id": 5}]}]
+    assert matched_segments(reference, other) == (1, 1)
