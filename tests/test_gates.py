@@ -248,13 +248,27 @@ def test_the_tolerances_follow_the_precision(tmp_path):
 
 def test_report_format():
     ok = CaseReport((2, 3, 64, 96), [OutputCheck("class_queries_logits", 0.001, 0.0001, 0.02)], 0.995, (3, 4))
-    report = ValidationReport([CaseReport((1, 3, 32, 32), problem="shape mismatch: x"), ok])
+    bad = CaseReport((1, 3, 32, 32), [OutputCheck("masks_queries_logits", 0.5, 0.01, 0.05)], 1.0, (2, 2))
+    report = ValidationReport([CaseReport((1, 3, 32, 32), problem="shape mismatch: x"), ok, bad])
     assert report.format() == "\n".join([
         "| input | output | max abs err | mean abs err | tolerance | semantic agreement | panoptic matched | ok |",
         "|---|---|---|---|---|---|---|---|",
         "| 1x3x32x32 | shape mismatch: x | | | | | | FAIL |",
         "| 2x3x64x96 | class_queries_logits | 0.001 | 0.0001 | 0.02 | 99.50% | 3/4 | ok |",
+        "| 1x3x32x32 | masks_queries_logits | 0.5 | 0.01 | 0.05 | 100.00% | 2/2 | FAIL |",
     ])  # fmt: skip
+
+
+def test_the_gate_runs_with_the_runtime_session_options(tmp_path):
+    """Denormals flushed (speed), and for fp16 graphs the layout optimizer that gave wrong logits turned off."""
+    fp16 = validate.session(write_graph(tmp_path / "h.onnx", precision="fp16"), "gather").get_session_options()
+    fp32 = validate.session(write_graph(tmp_path / "f.onnx"), "gather").get_session_options()
+    for options in (fp16, fp32):
+        assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
+        assert options.log_severity_level == 3
+    assert fp16.get_session_config_entry("optimization.disable_specified_optimizers") == "NchwcTransformer"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        fp32.get_session_config_entry("optimization.disable_specified_optimizers")
 
 
 # -- the agreement measures the gates use ----------------------------------------------------------------------------
