@@ -61,7 +61,8 @@ EXPECTED = {
 
 
 def test_constants_are_the_documented_contract():
-    assert (METADATA_KEY, FORMAT_VERSION, artifact.INPUT_NAME, artifact.HW_MULTIPLE) == ("m2f_deploy", 1, "pixel_values", 32)
+    assert (METADATA_KEY, FORMAT_VERSION) == ("m2f_deploy", 1)
+    assert (artifact.INPUT_NAME, artifact.HW_MULTIPLE) == ("pixel_values", 32)
     assert REQUIRED == ("format_version", "id2label", "num_queries", "preprocessing", "input", "outputs", "msda",
                         "precision", "fused_heads", "source", "exporter")  # fmt: skip
     assert artifact.DEFAULT_PREPROCESSING == {

@@ -56,9 +56,11 @@ def calls(monkeypatch, tmp_path):
 
     monkeypatch.setattr(int8, "quantize_int8", fake_quantize)
     monkeypatch.setattr(tensorrt, "check_tensorrt", lambda: record.append(("check_tensorrt", {})))
-    monkeypatch.setattr(
-        tensorrt, "build_engine", lambda path, output=None, **kw: record.append(("engine", {"path": path, "output": output, **kw})) or "E"
-    )  # fmt: skip
+    def fake_build(path, output=None, **kw):
+        record.append(("engine", {"path": path, "output": output, **kw}))
+        return "E"
+
+    monkeypatch.setattr(tensorrt, "build_engine", fake_build)
     return record
 
 
@@ -268,7 +270,8 @@ def test_a_real_export_carries_the_flags_into_the_graph(checkpoint, tmp_path):
     assert main([str(checkpoint), "--size", "64", "96", "--batch", "2", "--static-batch", "--opset", "18",
                  "--msda", "gather", "--no-validate", "-q", "-o", str(out)]) == 0  # fmt: skip
     graph = onnx.load(str(out), load_external_data=False)
-    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    shape = graph.graph.input[0].type.tensor_type.shape
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape.dim]
     assert dims == [2, 3, 64, 96]
     assert {o.domain: o.version for o in graph.opset_import}[""] == 18
     meta = read_onnx_metadata(out)

@@ -121,7 +121,8 @@ def test_thresholds_change_what_is_written(artifacts, tmp_path):
     def labels(threshold):
         out = tmp_path / threshold
         assert _run(dynamic, [images / "im0.png"], out, "--threshold", threshold) == 0
-        return sorted(s["category_id"] for s in json.loads((out / "panoptic.json").read_text())["annotations"][0]["segments_info"])
+        annotation = json.loads((out / "panoptic.json").read_text())["annotations"][0]
+        return sorted(s["category_id"] for s in annotation["segments_info"])
 
     probs = np.exp(CLASS) / np.exp(CLASS).sum(1, keepdims=True)
     assert probs[0, 0] < 0.9 < probs[1, 1] < 0.95

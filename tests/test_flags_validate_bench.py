@@ -46,7 +46,8 @@ class Standin(torch.nn.Module):
 
     def forward(self, x):
         masks = torch.nn.functional.conv2d(x, torch.from_numpy(W), torch.from_numpy(B), stride=4)
-        return SimpleNamespace(class_queries_logits=self.cls.expand(x.shape[0], *self.cls.shape), masks_queries_logits=masks)
+        cls = self.cls.expand(x.shape[0], *self.cls.shape)
+        return SimpleNamespace(class_queries_logits=cls, masks_queries_logits=masks)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def direct(artifact, data, *, threshold=0.5, limit=None, fuse=STUFF):
     with Segmenter(artifact, "cpu") as seg:
         for r in records:
             image = r.image()
-            panoptic.update(seg.predict(image, "panoptic", threshold=threshold, label_ids_to_fuse=fuse)[0], r.ground_truth())
+            result = seg.predict(image, "panoptic", threshold=threshold, label_ids_to_fuse=fuse)[0]
+            panoptic.update(result, r.ground_truth())
             semantic.update(seg.predict(image, "semantic")[0], r.semantic())
             instance.update(r.image_id, seg.predict(image, "instance", threshold=threshold)[0])
     pq, sem, ap = panoptic.compute(), semantic.compute(), instance.compute()
@@ -106,8 +108,11 @@ def test_metrics_equal_the_evaluation_run_directly(setup, tmp_path, monkeypatch)
     root, artifact = setup
     fused = []
     real = ImageProcessor.post_process_panoptic_segmentation
-    monkeypatch.setattr(ImageProcessor, "post_process_panoptic_segmentation",
-                        lambda self, *a, **kw: fused.append(kw.get("label_ids_to_fuse")) or real(self, *a, **kw))  # fmt: skip
+    def recording(self, *args, **kwargs):
+        fused.append(kwargs.get("label_ids_to_fuse"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageProcessor, "post_process_panoptic_segmentation", recording)
     report = _validate(setup, tmp_path, "--backend", "cpu")
     assert fused == [STUFF] * 3  # the stuff labels are fused, as the dataset's categories say
     expected = direct(artifact, root / "data")

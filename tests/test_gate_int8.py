@@ -14,12 +14,11 @@ import onnxruntime
 import pytest
 from factory import decisive_model
 
+from m2f_deploy.artifact import read_onnx_metadata
 from m2f_deploy.data import write_dataset
 from m2f_deploy.errors import M2FError
-from m2f_deploy.export import export_onnx
-from m2f_deploy.export import int8
+from m2f_deploy.export import export_onnx, int8
 from m2f_deploy.export.int8 import MIN_INT8_AGREEMENT, calibration_inputs, quantize_int8
-from m2f_deploy.artifact import read_onnx_metadata
 from m2f_deploy.processing import ImageProcessor
 
 

@@ -60,7 +60,8 @@ def write_graph(path, *, precision="fp32", dynamic_batch=True, dynamic_hw=True, 
         helper.make_node("Gemm", ["flat", "zero", "cls"], ["gemm"]),
         helper.make_node("Reshape", ["gemm", "shape"], [names[0]]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph(nodes, "g", [x], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     meta = build_metadata(
         id2label=id2label or {0: "a", 1: "b"}, num_queries=queries, preprocessing=preprocessing or {}, height=64,
@@ -88,7 +89,8 @@ class Reference(torch.nn.Module):
         masks = torch.nn.functional.conv2d(x, torch.from_numpy(CONV_W), torch.from_numpy(CONV_B), stride=4)
         cls = torch.from_numpy(CLASS).expand(x.shape[0], Q, LABELS + 1).clone()
         cls, masks = cls + self.class_delta, masks + self.mask_delta
-        return SimpleNamespace(class_queries_logits=cls[:, : self.queries], masks_queries_logits=masks[:, : self.queries])
+        q = self.queries
+        return SimpleNamespace(class_queries_logits=cls[:, :q], masks_queries_logits=masks[:, :q])
 
 
 @pytest.fixture(scope="module")
@@ -277,12 +279,13 @@ def test_agreement_errors_name_the_measure():
     from m2f_deploy.export.agreement import matched_segments, semantic_agreement
 
     one = [np.zeros((2, 2))]
+    per_image = "results against {} others; give one per image"
     for call, message in (
-        (lambda: semantic_agreement(one, one * 2), "semantic agreement: 1 reference results against 2 others; give one per image"),
+        (lambda: semantic_agreement(one, one * 2), "semantic agreement: 1 reference " + per_image.format(2)),
         (lambda: semantic_agreement([], []), "semantic agreement: no images"),
         (lambda: semantic_agreement(one, [np.zeros((2, 3))]), "semantic agreement: maps of shapes (2, 2) and (2, 3)"),
-        (lambda: matched_segments([], [{}]), "matched segments: 0 reference results against 1 others; give one per image"),
-    ):  # fmt: skip
+        (lambda: matched_segments([], [{}]), "matched segments: 0 reference " + per_image.format(1)),
+    ):
         with pytest.raises(InputError) as e:
             call()
         assert str(e.value) == message

@@ -53,8 +53,9 @@ def test_panoptic_score_exactly_at_the_threshold_is_dropped(path):
     score0 = float(_panoptic_scores(outputs)[0])  # query 0's probability, as float32 gives it
     below = float(np.nextafter(np.float32(score0), np.float32(0)))  # both compare in float32
     for threshold, kept in ((score0, [1]), (below, [0, 1])):
-        theirs = HF.post_process_panoptic_segmentation(_torch(outputs), threshold=threshold, overlap_mask_area_threshold=0.5)
-        ours = OURS[path].post_process_panoptic_segmentation(outputs, threshold=threshold, overlap_mask_area_threshold=0.5)
+        options = {"threshold": threshold, "overlap_mask_area_threshold": 0.5}
+        theirs = HF.post_process_panoptic_segmentation(_torch(outputs), **options)
+        ours = OURS[path].post_process_panoptic_segmentation(outputs, **options)
         assert _labels(theirs) == _labels(ours) == kept, threshold
 
 
@@ -62,8 +63,9 @@ def test_panoptic_score_exactly_at_the_threshold_is_dropped(path):
 def test_panoptic_overlap_exactly_at_the_threshold_is_dropped(path):
     outputs = _outputs()
     for overlap, kept in ((0.75, [1]), (math.nextafter(0.75, 0.0), [0, 1])):
-        theirs = HF.post_process_panoptic_segmentation(_torch(outputs), threshold=0.1, overlap_mask_area_threshold=overlap)
-        ours = OURS[path].post_process_panoptic_segmentation(outputs, threshold=0.1, overlap_mask_area_threshold=overlap)
+        options = {"threshold": 0.1, "overlap_mask_area_threshold": overlap}
+        theirs = HF.post_process_panoptic_segmentation(_torch(outputs), **options)
+        ours = OURS[path].post_process_panoptic_segmentation(outputs, **options)
         assert _labels(theirs) == _labels(ours) == kept, overlap
         ids = ours[0]["segmentation"]
         assert (ids == 0).sum() == (0 if kept == [0, 1] else 384 * 288)  # a dropped segment leaves its pixels at 0
