@@ -227,3 +227,24 @@ def test_draw_instance_paints_later_instances_over_earlier_ones():
     first = np.asarray(viz.draw_instance(image, {"segmentation": np.array([[0, 0, 0, 1]] * 3), "segments_info": infos},
                                          {0: "a", 1: "b"}))  # fmt: skip
     assert not np.array_equal(drawn, first)  # column 2 differs: it is the later instance's
+
+
+def test_batch_size_outside_what_the_artifact_runs(artifacts, monkeypatch):
+    """A bounded batch range (as a TensorRT profile gives): a batch_size outside it is one clear error; inside it and
+    by default (the export batch, at least the lowest) it is taken."""
+    import dataclasses
+
+    from m2f_deploy.errors import InputError
+    from m2f_deploy.runtime.base import InputSpec
+
+    dynamic, _, _ = artifacts
+    real = InputSpec.from_metadata
+    bounded = classmethod(lambda cls, meta: dataclasses.replace(real(meta), batch=(2, 4)))
+    monkeypatch.setattr(InputSpec, "from_metadata", bounded)
+    with pytest.raises(InputError) as e:
+        Segmenter(dynamic, batch_size=5)
+    assert str(e.value) == "batch_size=5 is outside what m.onnx runs (2..4)"
+    with Segmenter(dynamic, batch_size=4) as seg:
+        assert seg.batch_size == 4
+    with Segmenter(dynamic) as seg:
+        assert seg.batch_size == 2  # the export batch (1) raised to the lowest the artifact runs
