@@ -86,6 +86,7 @@ class Reference(torch.nn.Module):
 
     def forward(self, x):
         self.inputs.append(x.clone())
+        x = x.float()
         masks = torch.nn.functional.conv2d(x, torch.from_numpy(CONV_W), torch.from_numpy(CONV_B), stride=4)
         cls = torch.from_numpy(CLASS).expand(x.shape[0], Q, LABELS + 1).clone()
         cls, masks = cls + self.class_delta, masks + self.mask_delta
@@ -298,3 +299,11 @@ def test_a_segment_of_another_label_listed_first_does_not_stop_the_search():
     reference = [{"segmentation": seg, "segments_info": [{"id": 1, "label_id": 5}]}]
     other = [{"segmentation": seg, "segments_info": [{"id": 2, "label_id": 6}, {"id": 1, "label_id": 5}]}]
     assert matched_segments(reference, other) == (1, 1)
+
+
+def test_the_reference_runs_in_its_own_dtype(graph):
+    """The model is fed in its dtype (an fp16 or fp64 model is not fed float32 noise)."""
+    model = Reference()
+    model.dtype = torch.float64
+    assert validate_onnx(model, graph).ok
+    assert {x.dtype for x in model.inputs} == {torch.float64}
