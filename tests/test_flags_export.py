@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -51,6 +52,8 @@ def calls(monkeypatch, tmp_path):
 
     def fake_quantize(fp32, path, images, **kw):
         assert Path(fp32).is_file()  # the fp32 graph exists while it is quantized
+        for i in range(len(images)):
+            kw["progress"](i + 1, len(images))
         record.append(("quantize", {"fp32": fp32, "path": path, "images": images, **kw}))
         Path(path).write_bytes(b"int8")
 
@@ -148,7 +151,7 @@ def test_preset_uses_the_seed(calls, monkeypatch):
     assert kw["model"] == "RND" and kw["seed"] == 3 and kw["path"] == Path("swin-tiny-coco-panoptic.onnx")
 
 
-def test_int8_flags_reach_the_quantization(calls, checkpoint, tmp_path):
+def test_int8_flags_reach_the_quantization(calls, checkpoint, tmp_path, capsys):
     from m2f_deploy.data import write_dataset
 
     write_dataset(tmp_path / "calib", 3, seed=1, size=(40, 48))
@@ -160,6 +163,10 @@ def test_int8_flags_reach_the_quantization(calls, checkpoint, tmp_path):
     assert q["target"] == "cpu" and q["path"] == Path("tiny-ckpt-int8.onnx")
     assert q["fp32"] == Path(".tiny-ckpt-int8-fp32.onnx") == calls.only("export")["path"]
     assert sorted(p.name for p in Path.cwd().iterdir()) == ["calib", "tiny-ckpt-int8.onnx"]  # the fp32 graph is gone
+    assert capsys.readouterr().err == ""  # -q: no progress
+    calls.clear()
+    assert main([*argv[:-1], "--calib-limit", "2"]) == 0  # not quiet: one progress line per tenth of the way
+    assert capsys.readouterr().err.splitlines()[-2:] == ["1/2 calibration images", "2/2 calibration images"]
     calls.clear()
     assert main([*argv, "--int8-target", "tensorrt", "-o", "q.onnx"]) == 0
     q = calls.only("quantize")
@@ -245,6 +252,8 @@ def test_onnx_input_engine_options(calls, graph, capsys):
          "(--check-tensorrt only checks the graph): add --engine"),
         ([str(graph), "--check-tensorrt", "-o", "x.engine"], "-o: engine option(s) without an engine build"),
         ([str(graph), "-o", "x.onnx"], "-o x.onnx: an engine built from g.onnx is written to a .engine file"),
+        ([str(graph), "--check-tensorrt", "--tf32", "--fp16", "--int8"],
+         "error: --tf32, --fp16, --int8: engine option(s) without an engine build"),
     ):  # fmt: skip
         assert run("m2f-export", main, argv) == 1
         assert message in capsys.readouterr().err
@@ -257,7 +266,12 @@ def test_check_tensorrt_and_versions(calls, graph, capsys, monkeypatch):
     monkeypatch.setattr(trt_support, "check_tensorrt_support", lambda p, v=None: seen.append((p, v)) or real(p, v))
     assert main([str(graph), "--check-tensorrt", "--trt-version", "10.3", "--trt-version", "11.x"]) == 0
     assert seen == [(graph, ["10.3", "11.x"])] and calls == []  # checked, nothing built
-    assert capsys.readouterr().out.strip()  # the report is printed
+    assert capsys.readouterr().out == real(graph, ["10.3", "11.x"]).format() + "\n"  # the report is printed
+    # a refusal: the report printed, exit code 1, nothing built
+    refused = SimpleNamespace(ok=False, format=lambda: "THE REPORT")
+    monkeypatch.setattr(trt_support, "check_tensorrt_support", lambda p, v=None: refused)
+    assert main([str(graph), "--check-tensorrt", "--engine"]) == 1
+    assert capsys.readouterr().out == "THE REPORT\n" and calls == []
     with pytest.raises(InputError, match=r"--trt-version is for --check-tensorrt"):
         main([str(graph), "--trt-version", "10.3"])
     with pytest.raises(InputError, match=r"--trt-plugin-version is for --msda trt_plugin .*not grid_sample"):
