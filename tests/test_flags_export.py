@@ -293,3 +293,32 @@ def test_a_real_export_carries_the_flags_into_the_graph(checkpoint, tmp_path):
     assert (meta["input"]["height"], meta["input"]["width"], meta["input"]["dynamic_hw"]) == (64, 96, False)
     assert meta["msda"] == "gather" and meta["exporter"]["opset"] == 18
     assert json.loads(graph.metadata_props[0].value)["precision"] == "fp32"
+
+
+def test_usage_as_the_readme_documents_it(capsys):
+    from m2f_deploy.cli.export import build_parser
+
+    usage = build_parser().format_help()
+    assert usage.startswith("usage: m2f-export ")
+    for shown in ("--size H [W ...]", "--atol OUTPUT=TOL", "--calib DIR", "--calib-limit N", "--workspace GIB",
+                  "--shapes MIN OPT MAX", "INT8 (QDQ) quantization:", "TensorRT engine (needs TensorRT and a GPU):",
+                  "static TensorRT check (no TensorRT needed):"):  # fmt: skip
+        assert shown in usage, shown
+    from m2f_deploy.cli.common import run
+
+    assert run("m2f-export", main, ["--size", "64"]) == 1  # a checkpoint or a preset is required
+    assert capsys.readouterr().err == "m2f-export: error: one of the arguments checkpoint --preset is required\n"
+
+
+def test_calibration_flag_messages(calls, checkpoint, graph, tmp_path):
+    with pytest.raises(InputError) as e:
+        main([str(graph), "--int8-target", "cpu"])
+    assert str(e.value) == "--int8-target is for --int8 --calib DIR (it says how the graph is quantized)"
+    with pytest.raises(InputError) as e:
+        main([str(checkpoint), "--calib", str(tmp_path)])
+    assert str(e.value) == "--calib is for --int8 (calibration images of the INT8 quantization)"
+
+
+def test_a_workspace_below_one_gib_is_taken(calls, graph):
+    assert main([str(graph), "--workspace", "0.5"]) == 0
+    assert calls.only("engine")["workspace_gib"] == 0.5
