@@ -303,7 +303,8 @@ def test_usage_as_the_readme_documents_it(capsys):
     assert usage.startswith("usage: m2f-export ")
     for shown in ("--size H [W ...]", "--atol OUTPUT=TOL", "--calib DIR", "--calib-limit N", "--workspace GIB",
                   "--shapes MIN OPT MAX", "INT8 (QDQ) quantization:", "TensorRT engine (needs TensorRT and a GPU):",
-                  "static TensorRT check (no TensorRT needed):"):  # fmt: skip
+                  "static TensorRT check (no TensorRT needed):", "--min-agreement SHARE", "--plugin-lib SO",
+                  "--trt-version X.Y", "--trt-plugin-version {1,2}", "--int8-target {cpu,tensorrt}"):  # fmt: skip
         assert shown in usage, shown
     from m2f_deploy.cli.common import run
 
@@ -323,3 +324,29 @@ def test_calibration_flag_messages(calls, checkpoint, graph, tmp_path):
 def test_a_workspace_below_one_gib_is_taken(calls, graph):
     assert main([str(graph), "--workspace", "0.5"]) == 0
     assert calls.only("engine")["workspace_gib"] == 0.5
+
+
+def test_source_flag_messages_before_anything_slow(calls, checkpoint):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save("one.png")
+    fp16 = "--int8 and --fp16: the INT8 graph is quantized from fp32 (give one of them)"
+    for argv, message in (
+        (["--int8"], "--int8 from a checkpoint needs calibration images: --calib DIR"),
+        (["--int8", "--fp16", "--calib", "."], fp16),
+        (["--msda", "deform_conv", "--dynamic-shape"], "needs a static size"),
+    ):  # fmt: skip
+        with pytest.raises(InputError) as e:
+            main([str(checkpoint), *argv])
+        assert message in str(e.value) and (message == str(e.value) or "static" in message)
+    assert calls == []
+    assert main([str(checkpoint), "--msda", "deform_conv", "-q"]) == 0  # its opset (19) chosen by default
+    assert calls.only("export")["msda"] == "deform_conv"
+
+
+def test_check_tensorrt_after_an_export(calls, checkpoint, monkeypatch, capsys):
+    seen = []
+    refused = SimpleNamespace(ok=False, format=lambda: "THE REPORT")
+    monkeypatch.setattr(trt_support, "check_tensorrt_support", lambda p, v=None: seen.append((p, v)) or refused)
+    assert main([str(checkpoint), "-o", "m.onnx", "--check-tensorrt", "--trt-version", "10.3", "-q"]) == 1
+    assert seen == [(Path("m.onnx"), ["10.3"])] and capsys.readouterr().out == "m.onnx\nTHE REPORT\n"
