@@ -135,8 +135,10 @@ def test_deform_conv_export_matches_torch_and_needs_static_size(tmp_path):
     got = sess.run(None, {"pixel_values": x.numpy()})
     with torch.no_grad():
         ref = model(x)
-    np.testing.assert_allclose(got[0], ref.class_queries_logits.numpy(), atol=1e-3, rtol=0)
-    np.testing.assert_allclose(got[1], ref.masks_queries_logits.numpy(), atol=1e-2, rtol=0)
+    # the other flavours' 1e-4: measured 6e-7 (class) and 2e-5 (mask logits of magnitude ~35, the decisive model's),
+    # as grid_sample's on the same model and input
+    np.testing.assert_allclose(got[0], ref.class_queries_logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1], ref.masks_queries_logits.numpy(), atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="needs a static size"):
         export_onnx(model, tmp_path / "d.onnx", height=64, width=64, msda="deform_conv", dynamic_hw=True)
     with pytest.raises(InputError, match="needs opset 19"):

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factory import save_hf_checkpoint, tiny_config
+from factory import decisive_model, save_hf_checkpoint, tiny_config
 
 from m2f_deploy import load_model
 from m2f_deploy.artifact import OUTPUT_NAMES, REQUIRED
@@ -146,9 +146,11 @@ def test_metadata_is_complete(tiny, tiny_dir, tmp_path):
     assert {"torch", "onnx", "m2f_deploy", "opset"} <= set(meta["exporter"])
 
 
-def test_fp16_graph(tiny, tmp_path):
-    p32 = export_onnx(tiny, tmp_path / "m32.onnx", height=64, width=64)
-    p16 = export_onnx(tiny, tmp_path / "m16.onnx", height=64, width=64, fp16=True)
+def test_fp16_graph(tmp_path):
+    # the decisive model: a random-weight one shows one class everywhere, and agreement on that would be automatic
+    model = decisive_model()
+    p32 = export_onnx(model, tmp_path / "m32.onnx", height=64, width=64)
+    p16 = export_onnx(model, tmp_path / "m16.onnx", height=64, width=64, fp16=True)
     assert_tensorrt_support(p32, "grid_sample")
     assert_tensorrt_support(p16, "grid_sample")
     graph = onnx.load(str(p16))
@@ -172,6 +174,7 @@ def test_fp16_graph(tiny, tmp_path):
     outs = [dict(zip(OUTPUT_NAMES, session(p, "grid_sample").run(list(OUTPUT_NAMES), {"pixel_values": x}))) for p in (p32, p16)]
     proc = ImageProcessor()
     maps = [proc.post_process_semantic_segmentation(o, target_sizes=[(64, 64)] * 2) for o in outs]
+    assert all(len(np.unique(m)) >= 3 for m in maps[0])  # several classes per map: agreement can fail
     agreement = np.mean([np.mean(a == b) for a, b in zip(*maps)])
     assert agreement >= 0.99
 

@@ -1,0 +1,67 @@
+"""What every command shares: exit codes and one-line errors, --size, the progress counter."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from m2f_deploy.cli.common import Parser, Progress, height_width, run
+from m2f_deploy.errors import InputError, M2FError
+
+
+def test_run_exit_codes(capsys):
+    assert run("m2f-x", lambda argv: 0) == 0
+
+    def fails(argv):
+        raise InputError("bad.png: not an image")
+
+    assert run("m2f-x", fails) == 1
+    assert capsys.readouterr().err == "m2f-x: error: bad.png: not an image\n"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run("m2f-x", interrupted) == 130
+    assert capsys.readouterr().err == "m2f-x: interrupted; nothing was written\n"
+    with pytest.raises(M2FError, match="^unrecognized arguments: --nope$"):
+        Parser(prog="m2f-x").parse_args(["--nope"])
+
+
+def test_size():
+    assert height_width([64]) == (64, 64) and height_width([64, 96]) == (64, 96)
+    with pytest.raises(InputError) as e:
+        height_width([1, 2, 3])
+    assert str(e.value) == "--size takes H [W], got 3 numbers"
+
+
+def test_progress_in_a_log_every_tenth():
+    stream = io.StringIO()
+    progress = Progress(20, "images", stream=stream)
+    for _ in range(20):
+        progress.step("x.png")
+    progress.step(count=0)  # nothing done: nothing printed
+    assert stream.getvalue().splitlines() == [f"{n}/20 images" for n in range(2, 21, 2)]
+    stream = io.StringIO()
+    progress = Progress(3, "images", stream=stream)
+    progress.step(count=2)
+    progress.step()
+    assert stream.getvalue() == "2/3 images\n3/3 images\n" and progress.done == 3
+    quiet = io.StringIO()
+    Progress(3, "images", quiet=True, stream=quiet).step()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(2, "images", stream=stream)
+    progress.step("a.png")
+    progress.step("b" * 300)
+    progress.close()
+    first, second = stream.getvalue().split("\r")[1:]
+    assert first == "\033[K1/2 images a.png"
+    assert second == ("\r\033[K2/2 images " + "b" * 300)[1:200] + "\n"  # a line of at most 200 characters
