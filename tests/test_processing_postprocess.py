@@ -401,8 +401,14 @@ def test_property_semantic_matches_transformers(case):
 @given(case=_cases())
 def test_property_nothing_above_threshold_gives_empty_results(case):
     outputs, target_sizes = case
-    for result in OURS.post_process_instance_segmentation(outputs, threshold=1.01, target_sizes=target_sizes):
-        assert result["segments_info"] == [] and (result["segmentation"] == -1).all()
+    # the instance rule keeps a score equal to the threshold (HF's >=, tests/test_thresholds.py): at 1.0 only a score
+    # rounded to exactly 1.0 in float32 could stay; a threshold above 1 is refused (it would silently keep nothing)
+    for result in OURS.post_process_instance_segmentation(outputs, threshold=1.0, target_sizes=target_sizes):
+        assert all(s["score"] >= 1.0 for s in result["segments_info"])
+        if not result["segments_info"]:
+            assert (result["segmentation"] == -1).all()
+    with pytest.raises(InputError, match="threshold must be in"):
+        OURS.post_process_instance_segmentation(outputs, threshold=1.01, target_sizes=target_sizes)
     for result in OURS.post_process_panoptic_segmentation(outputs, threshold=1.0, target_sizes=target_sizes):
         assert result["segments_info"] == [] and result["segmentation"].dtype == np.float32
         assert (result["segmentation"] == -1).all()
