@@ -60,7 +60,7 @@ def prepend_uint8(graph: Any, table: np.ndarray, *, height: int, width: int, ops
     import onnx
     import onnx.compose
 
-    from m2f_deploy.export.heads import _toposorted, _unprefix
+    from m2f_deploy.export.heads import _rename_batch, _toposorted, _unprefix
 
     path = workdir / "uint8-input.onnx"
     batch = 2
@@ -76,13 +76,7 @@ def prepend_uint8(graph: Any, table: np.ndarray, *, height: int, width: int, ops
     prefix = onnx.load(str(path))
     graph = _toposorted(graph)
     prefix.ir_version = graph.ir_version
-    dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
-    for v in [*prefix.graph.input, *prefix.graph.output]:
-        d = v.type.tensor_type.shape.dim[0]
-        if dim.HasField("dim_value"):
-            d.dim_value = dim.dim_value
-        else:
-            d.dim_param = dim.dim_param or "batch"
+    _rename_batch(graph, prefix)
     merged = onnx.compose.merge_models(prefix, graph, io_map=[(INPUT_NAME, INPUT_NAME)], prefix1="input/")
     _unprefix(merged, "input/", [IMAGES, MASK])
     return merged
