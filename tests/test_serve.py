@@ -444,11 +444,14 @@ def fused_artifact(path: Path) -> Path:
         [helper.make_node("Cast", ["images"], ["wide"], to=TensorProto.INT32),
          helper.make_node("ReduceMax", ["wide"], ["semantic_map"], keepdims=0, axes=[3]),
          helper.make_node("Cast", ["semantic_map"], ["as_float"], to=TensorProto.FLOAT),
-         helper.make_node("ReduceMean", ["as_float"], ["scores"], keepdims=0, axes=[2])],
+         helper.make_node("ReduceMean", ["as_float"], ["scores"], keepdims=0, axes=[2]),
+         helper.make_node("Identity", ["threshold"], ["kept_threshold"])],
         "fused",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 96, 128, 3])],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 96, 128, 3]),
+         helper.make_tensor_value_info("threshold", TensorProto.FLOAT, ["batch"])],  # as a head's threshold input
         [helper.make_tensor_value_info("semantic_map", TensorProto.INT32, ["batch", 96, 128]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 96])],
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 96]),
+         helper.make_tensor_value_info("kept_threshold", TensorProto.FLOAT, ["batch"])],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     meta = build_metadata(
@@ -457,7 +460,7 @@ def fused_artifact(path: Path) -> Path:
         fused_heads=("semantic",),
     )  # fmt: skip
     meta["input"].update(name="images", layout="NHWC uint8")
-    meta["outputs"] = ["semantic_map", "scores"]
+    meta["outputs"] = ["semantic_map", "scores", "kept_threshold"]
     helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})
     onnx.save(model, path)
     return path
@@ -472,13 +475,22 @@ def test_repository_of_a_fused_head_graph_reads_its_tensors_from_the_graph(tmp_p
     assert 'name: "images" data_type: TYPE_UINT8 dims: [ 96, 128, 3 ]' in text
     assert 'name: "semantic_map" data_type: TYPE_INT32 dims: [ 96, 128 ]' in text
     assert 'name: "scores" data_type: TYPE_FP32 dims: [ 96 ]' in text
+    # batch-only tensors (a head's per-image thresholds): Triton's loader refuses empty dims ("must specify 'dims'")
+    for name in ("threshold", "kept_threshold"):
+        assert f'name: "{name}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }}' in text
+    emptied = tmp_path / "emptied"
+    shutil.copytree(repo, emptied)
+    config = emptied / "m2f_model" / "config.pbtxt"
+    config.write_text(config.read_text().replace("dims: [ 1 ] reshape: { shape: [ ] }", "dims: [ ]"))
+    done = in_serving("-m", "m2f_deploy.serve.repository", str(emptied), str(artifact))
+    assert done.returncode == 1 and "tensor 'threshold' has no dims" in done.stdout + done.stderr, done.stderr
     assert not (repo / "m2f").exists() and "No pre/post-processing ensemble" in (repo / "README.md").read_text()
     check_in_serving(repo, artifact)
     # an engine of it without its ONNX beside: the dims of fused outputs cannot be guessed, and it says so
     meta = read_onnx_metadata(artifact)
     engine = fake_engine(artifact, tmp_path / "e", with_onnx=False, meta_changes={
         "input": meta["input"], "outputs": meta["outputs"], "fused_heads": ["semantic"]})  # fmt: skip
-    with pytest.raises(InputError, match="cannot tell the dims of semantic_map, scores"):
+    with pytest.raises(InputError, match="cannot tell the dims of semantic_map, scores, kept_threshold"):
         write_repository(engine, tmp_path / "repo2")
     assert not (tmp_path / "repo2").exists()
 

@@ -282,6 +282,9 @@ def _dims(spec: TensorSpec, mb: int) -> tuple[int, ...]:
 
 
 def _tensor(spec: TensorSpec, dims: tuple[int, ...]) -> str:
+    if not dims:  # a batch-only tensor (a fused head's per-image threshold): Triton refuses empty dims, its documented
+        # form is dims [1] reshaped to [] (the model sees [B])
+        return f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
     return f'  {{ name: "{spec.name}" data_type: {spec.data_type} dims: [ {", ".join(map(str, dims))} ] }}'
 
 
@@ -435,6 +438,9 @@ def check_repository(root: str | os.PathLike, io: ArtifactIO | None = None, *, s
         if bad:
             raise InputError(f"{where}: preferred_batch_size {bad} outside 1..max_batch_size ({mb})")
         for tensor in [*config.input, *config.output]:
+            if not tensor.dims:  # Triton's loader refuses it ("must specify 'dims'"); the schema parses it
+                raise InputError(f"{where}: tensor {tensor.name!r} has no dims (a batch-only tensor: dims [ 1 ] "
+                                 "reshape { shape: [ ] })")  # fmt: skip
             if any(d == 0 or d < -1 for d in tensor.dims):
                 raise InputError(f"{where}: tensor {tensor.name!r} has dims {list(tensor.dims)} (> 0 or -1 only)")
         if folder == MODEL and io is not None:
@@ -471,9 +477,10 @@ def _check_against_artifact(config: Any, io: ArtifactIO, where: str) -> None:
             type_name = schema.DataType.Name(t.data_type)
             if type_name != spec.data_type:
                 raise InputError(f"{where}: {spec.name} is {type_name}, the artifact's is {spec.data_type}")
-            if tuple(t.dims) != _dims(spec, mb):
+            dims = tuple(t.reshape.shape) if t.HasField("reshape") else tuple(t.dims)  # what the model sees
+            if dims != _dims(spec, mb):
                 raise InputError(
-                    f"{where}: {spec.name} has dims {list(t.dims)}, the artifact's are {list(_dims(spec, mb))} "
+                    f"{where}: {spec.name} has dims {list(dims)}, the artifact's are {list(_dims(spec, mb))} "
                     f"(max_batch_size {mb})"
                 )
     low, high = io.batch
