@@ -329,3 +329,23 @@ def test_uint8_input_equals_float_path(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValidationError, match="uint8-input graph differs"):
         uint8_onnx(tiny["fp32", "raw"], tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_validate_feeds_a_uint8_graph_its_bytes(tiny, tmp_path):
+    # m2f-validate's predictor fed the float pixel_values to every graph: a uint8 graph refused each image
+    from m2f_deploy.cli.validate import _artifact_predictor
+
+    image = _canvas_images((50, 70), 1, seed=1)[0]  # padded into the canvas
+    for source in (tiny["fp32", "raw"], tiny["fp32", "panoptic"]):
+        u8 = uint8_onnx(source, tmp_path / f"{source.stem}-u8.onnx", validate=False)
+        float_predict, *_ = _artifact_predictor(source, "auto")
+        u8_predict, *_ = _artifact_predictor(u8, "auto")
+        (a, a_in), (b, b_in) = float_predict(image), u8_predict(image)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert np.allclose(a[name], b[name], atol=1e-4), name
+        if read_onnx_metadata(u8)["fused_heads"]:  # evaluate()'s second call, with the thresholds
+            seg_a, seg_b = float_predict.segmenter, u8_predict.segmenter
+            x = seg_a.infer(*a_in["feed"], threshold=0.3, label_ids_to_fuse={2})
+            y = seg_b.infer(*b_in["feed"], threshold=0.3, label_ids_to_fuse={2})
+            assert all(np.allclose(x[k], y[k], atol=1e-4) for k in x)

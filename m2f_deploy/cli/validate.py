@@ -57,8 +57,13 @@ def _artifact_predictor(path: Path, backend: str) -> tuple[Predict, Any, dict[st
     seg = Segmenter(path, backend)
 
     def predict(image: np.ndarray) -> tuple[dict, dict]:
-        inputs = seg.processor.preprocess(image)
-        return seg.infer(inputs[INPUT_NAME]), inputs
+        inputs = seg.processor.preprocess(image)  # float pixel_values: the reference model's input, sizes and mask
+        if seg.uint8:  # a graph exported with --input uint8 takes the image's bytes and their mask
+            u8 = seg.processor.preprocess_uint8(image)
+            inputs["feed"] = (u8["images"], u8["pixel_mask"])
+        else:
+            inputs["feed"] = (inputs[INPUT_NAME],)
+        return seg.infer(*inputs["feed"]), inputs
 
     about = {"artifact": str(path), "backend": seg.description, "precision": seg.metadata["precision"]}
     if seg.head:  # a fused head: its outputs, decoded in evaluate()
@@ -157,7 +162,7 @@ def evaluate(args: Any) -> dict[str, Any]:
             from m2f_deploy.runtime.heads import decode
 
             seg = predict.segmenter  # type: ignore[attr-defined]
-            outputs = seg.infer(inputs[INPUT_NAME], threshold=args.threshold, label_ids_to_fuse=stuff)
+            outputs = seg.infer(*inputs["feed"], threshold=args.threshold, label_ids_to_fuse=stuff)
             results = {head: decode(seg.metadata, outputs, label_ids_to_fuse=stuff, **common)[0]}
         else:
             needed = set(tasks) | ({"semantic", "panoptic"} if reference is not None else set())
