@@ -326,6 +326,21 @@ def test_serve_cli_errors_are_one_line(demo, capsys):
         assert f"--grpc-port {port}: cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
 
 
+def test_serve_a_fused_head_artifact_serves_its_task_only(tmp_path, capsys, monkeypatch):
+    # a fused-head graph returns one task's results: m2f-serve announced all three and refused each other request
+    import m2f_deploy.serve.server as server_module
+    from m2f_deploy.cli.common import run
+    from m2f_deploy.cli.serve import main
+
+    artifact = fused_artifact(tmp_path / "fused.onnx")  # --heads semantic
+    assert run("m2f-serve", main, [str(artifact), "--task", "panoptic"]) == 1
+    err = capsys.readouterr().err
+    assert "--task panoptic: " in err and "returns semantic results" in err and err.count("\n") == 1, err
+    seen = []
+    monkeypatch.setattr(server_module, "serve", lambda path, options, **_: seen.append(options.tasks))
+    assert main([str(artifact), "-q"]) == 0 and seen == [("semantic",)]
+
+
 def test_triton_errors_become_one_line():
     from m2f_deploy.serve.server import triton_error
 

@@ -43,12 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet)
     if not args.artifact.is_file():
         raise InputError(f"{args.artifact}: no such file")
+    tasks = tuple(dict.fromkeys(args.task)) if args.task else TASKS
+    head = _fused_head(args.artifact)
+    if head:  # the graph returns one task's results: serve that task only (Segmenter refuses the others)
+        if args.task and set(tasks) - {head}:
+            raise InputError(f"--task {', '.join(t for t in tasks if t != head)}: {args.artifact} returns {head} "
+                             f"results (exported with --heads {head}); serve --task {head}")  # fmt: skip
+        tasks = (head,)
     options = ServeOptions(
         host=args.host, http_port=args.port,
         grpc_port=args.port + 1 if args.grpc_port is None else args.grpc_port,
         metrics_port=args.port + 2 if args.metrics_port is None else args.metrics_port,
         max_batch=args.max_batch, queue_delay_us=args.queue_delay_us, instances=args.instances,
-        tasks=tuple(dict.fromkeys(args.task)) if args.task else TASKS, model_name=args.model_name,
+        tasks=tasks, model_name=args.model_name,
         backend=args.backend, threads=args.threads,
     ).check()  # fmt: skip
     from m2f_deploy.serve.server import serve
@@ -56,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     serve(args.artifact, options, ready=lambda message: print(message, flush=True))
     print("m2f-serve: stopped", flush=True)
     return 0
+
+
+def _fused_head(path: Path) -> str | None:
+    """The task a fused-head artifact (m2f-export --heads) returns, or None (its metadata read, no session)."""
+    from m2f_deploy.artifact import read_engine_metadata, read_onnx_metadata
+    from m2f_deploy.runtime.heads import fused_head
+
+    return fused_head(read_engine_metadata(path) if path.suffix == ".engine" else read_onnx_metadata(path))
 
 
 def entry() -> None:
