@@ -508,6 +508,13 @@ def _mode_image(kind: str) -> tuple[Image.Image, np.ndarray]:
     if kind == "16-bit-gray":
         values = np.round(ramp * 65535).astype(np.uint16)
         return Image.fromarray(values), np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, -1)
+    if kind == "16-bit-transparent":  # a 16-bit PNG's tRNS: pixels of that gray value are transparent
+        values = np.round(ramp * 65535).astype(np.uint16)
+        image = Image.fromarray(values)
+        image.info["transparency"] = int(values[0, 5])
+        expected = np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, -1)
+        expected[values == values[0, 5]] = 255  # white behind, as for an 8-bit gray PNG's tRNS
+        return image, expected
     if kind == "float-gray":
         return (Image.fromarray(ramp.astype(np.float32), mode="F"),
                 np.repeat(np.round(ramp.astype(np.float32) * 255.0).astype(np.uint8)[..., None], 3, -1))  # fmt: skip
@@ -523,7 +530,7 @@ def _mode_image(kind: str) -> tuple[Image.Image, np.ndarray]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["16-bit-gray", "float-gray", "cmyk", "palette-transparent", "gray-alpha"])
+@pytest.mark.parametrize("kind", ["16-bit-gray", "16-bit-transparent", "float-gray", "cmyk", "palette-transparent", "gray-alpha"])
 def test_unusual_modes_convert_as_a_decoder_would(kind, tmp_path):
     image, expected = _mode_image(kind)
     np.testing.assert_array_equal(np.asarray(pil_rgb(image)), expected)
