@@ -276,6 +276,7 @@ METADATA = {
     "id2label-a-list": (_set("id2label", ["a", "b"]), "id2label"),
     "id2label-key-not-integer": (lambda meta: {**meta, "id2label": {"a": "x", **meta["id2label"]}}, "'a'"),
     "id2label-label-not-string": (lambda meta: {**meta, "id2label": {**meta["id2label"], "0": 7}}, "id2label[0]"),
+    "id2label-key-zero-padded": (lambda meta: {**meta, "id2label": {"00": "x", **meta["id2label"]}}, "'00'"),
     "id2label-gap": (lambda meta: {**meta, "id2label": {k: v for k, v in meta["id2label"].items() if k != "1"}},
                      "lacks [1]"),  # fmt: skip
     "id2label-short": (lambda meta: {**meta, "id2label": dict(list(meta["id2label"].items())[:-1])}, "classes"),
@@ -289,6 +290,8 @@ METADATA = {
     "input-size-lies-dynamic": (_input(dynamic_hw=True), "height dynamic"),
     "preprocessing-a-list": (_set("preprocessing", []), "preprocessing"),
     "preprocessing-std-zero": (_preprocessing(image_std=[0, 1, 1]), "image_std"),
+    "preprocessing-std-nan": (_preprocessing(image_std=[1, 1, float("nan")]), "image_std must be a finite"),
+    "preprocessing-mean-inf": (_preprocessing(image_mean=float("inf")), "image_mean must be a finite"),
     "preprocessing-one-element-mean": (_preprocessing(image_mean=[0.5]), "image_mean"),
     "num-queries-a-float": (_set("num_queries", 1.5), "num_queries"),
 }
