@@ -623,6 +623,24 @@ def test_sigterm_during_export_removes_its_temporary_folder(checkpoint, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_interrupt_after_the_export_names_what_was_written(artifact, tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM in a step after the graph is published (--check-tensorrt, an engine, a Triton repository)
+    must not claim that nothing was written."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_cli, "_check_tensorrt", interrupted)
+    output = tmp_path / "semantic.onnx"
+    argv = [str(artifact), "--heads", "semantic", "--no-validate", "--check-tensorrt", "-q", "-o", str(output)]
+    assert run("m2f-export", export_cli.main, argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert output.is_file()
+    assert err == [f"m2f-export: interrupted; written (complete): {output}; the steps after it were not finished"]
+    argv = [str(artifact), "--check-tensorrt", "-q"]  # nothing written before the interrupt: the usual line
+    assert run("m2f-export", export_cli.main, argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["m2f-export: interrupted; nothing was written"]
+
+
 def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(checkpoint, tmp_path, capsys):
     with tmpfs(tmp_path / "tiny", "1m") as tiny:  # the tiny model's graph is 2.4 MB
         output = tiny / "m.onnx"
