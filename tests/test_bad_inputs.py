@@ -358,6 +358,30 @@ def test_second_writer_on_one_out_is_refused(artifact, good, tmp_path, capsys):
     assert (out / "panoptic.json").is_file() and not (out / predict_cli.OutLock.NAME).exists()
 
 
+def test_lock_taken_on_a_file_a_finishing_run_removed_is_taken_again(tmp_path, monkeypatch):
+    """A finishing run unlinks the lock file between our open and our flock: a lock on the removed file would let a
+    third run create a new file and lock it too. The lock must end up on the file that is there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = predict_cli.OutLock(out)
+    real_open, opened = os.open, []
+
+    def open_then_finish(path, *args):
+        fd = real_open(path, *args)
+        opened.append(fd)
+        if len(opened) == 1:
+            first.release()  # the other run finishes right after our open
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_finish)
+    second = predict_cli.OutLock(out)
+    monkeypatch.undo()
+    assert os.fstat(second.fd).st_ino == os.stat(out / predict_cli.OutLock.NAME).st_ino
+    with pytest.raises(OutputError, match="another m2f-predict"):
+        predict_cli.OutLock(out)  # a third run is refused
+    second.release()
+
+
 def test_disk_full_mid_run_ends_in_one_line_with_whole_files_only(artifact, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
