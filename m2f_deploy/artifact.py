@@ -125,6 +125,10 @@ def _check_types(meta: dict[str, Any], where: str) -> None:
 
     for key, kinds in _TYPES.items():
         check(key, meta[key], kinds)
+    unknown = [h for h in meta["fused_heads"] if h not in ("semantic", "instance", "panoptic")]
+    if unknown:  # else every image fails later with "unknown task"
+        raise InputError(f"{where}: fused_heads lists {json.dumps(unknown[0])[:60]}; expected semantic, instance or "
+                         "panoptic")  # fmt: skip
     for key, kinds in _INPUT_TYPES.items():
         if key not in meta["input"]:
             raise InputError(f"{where}: input lacks {key}")

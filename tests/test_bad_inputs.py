@@ -293,6 +293,7 @@ METADATA = {
     "preprocessing-std-nan": (_preprocessing(image_std=[1, 1, float("nan")]), "image_std must be a finite"),
     "preprocessing-mean-inf": (_preprocessing(image_mean=float("inf")), "image_mean must be a finite"),
     "preprocessing-one-element-mean": (_preprocessing(image_mean=[0.5]), "image_mean"),
+    "fused-heads-unknown": (_set("fused_heads", ["nope"]), "fused_heads lists \"nope\""),
     "num-queries-a-float": (_set("num_queries", 1.5), "num_queries"),
 }
 
