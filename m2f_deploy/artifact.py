@@ -125,6 +125,10 @@ def _check_types(meta: dict[str, Any], where: str) -> None:
 
     for key, kinds in _TYPES.items():
         check(key, meta[key], kinds)
+    unknown = [h for h in meta["fused_heads"] if h not in ("semantic", "instance", "panoptic")]
+    if unknown:  # else every image fails later with "unknown task"
+        raise InputError(f"{where}: fused_heads lists {json.dumps(unknown[0])[:60]}; expected semantic, instance or "
+                         "panoptic")  # fmt: skip
     for key, kinds in _INPUT_TYPES.items():
         if key not in meta["input"]:
             raise InputError(f"{where}: input lacks {key}")
@@ -142,7 +146,8 @@ def _id2label(raw: dict[str, Any], where: str) -> dict[int, str]:
     """``{"0": "cat", ...}`` -> ``{0: "cat", ...}``: ids 0..N-1, each once, labels strings."""
     out: dict[int, str] = {}
     for key, label in raw.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+        # "00" is refused too: int() would fold it onto "0" and one of the two labels would silently win
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and key == str(int(key))):
             raise InputError(f"{where}: id2label key {key!r} is not a class id (0, 1, ...)")
         if not isinstance(label, str):
             raise InputError(f"{where}: id2label[{key}] must be a string, got {json.dumps(label)[:60]}")

@@ -12,6 +12,7 @@ the few keys listed in :data:`UNUSED_KEYS`, which are skipped by name on purpose
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -198,6 +199,51 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _plain_dtype(dtype: Any) -> Any:
+    """Refuse a dtype that is not a plain number type. ``numpy.dtype.__setstate__`` takes whatever a pickle says,
+    so a pickle can forge a structured dtype whose object field numpy does not know about: its raw bytes would
+    then be read as pointers (a crash, or worse). Weights are never structured, subarray or object typed."""
+    import numpy as np
+
+    dtype = np.dtype(dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, np.dtype) or dtype.names is not None or dtype.fields is not None \
+            or dtype.subdtype is not None or dtype.hasobject or dtype.kind not in "biufc":
+        raise pickle.UnpicklingError(f"refused pickled array of dtype {dtype!r} (only plain numeric arrays)")
+    return dtype
+
+
+@functools.cache
+def _checked_array_type():
+    import numpy as np
+
+    class _ZooArray(np.ndarray):
+        """What ``_reconstruct`` builds: an array whose pickled state must name a plain numeric dtype."""
+
+        def __new__(cls, *args, **kwargs):  # ndarray(shape, dtype, buffer) straight from a pickle: not how numpy pickles
+            raise pickle.UnpicklingError("refused pickled call of numpy.ndarray (arrays come through _reconstruct)")
+
+        def __setstate__(self, state):
+            if not isinstance(state, tuple) or len(state) not in (4, 5):
+                raise pickle.UnpicklingError("refused pickled array state")
+            _plain_dtype(state[-3])
+            super().__setstate__(state)
+
+        def __reduce__(self):  # pickled again (e.g. by torch.save) as a plain ndarray
+            return np.asarray(self).__reduce__()
+
+    return _ZooArray
+
+
+def _checked(fn: Any, dtype_at: int) -> Any:
+    def call(*args):
+        if len(args) <= dtype_at:
+            raise pickle.UnpicklingError(f"refused pickled call of {fn.__name__}")
+        _plain_dtype(args[dtype_at])
+        return fn(*args)
+
+    return call
+
+
 class ZooUnpickler(pickle.Unpickler):
     """Unpickles a detectron2 model-zoo ``.pkl``: dicts, lists, tuples, strings, numbers and numpy arrays.
 
@@ -214,9 +260,17 @@ class ZooUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refused pickled global {module}.{name}")
         for home in homes:
             try:
-                return getattr(importlib.import_module(home), name)
+                found = getattr(importlib.import_module(home), name)
             except (ImportError, AttributeError):
                 continue
+            # numpy's reconstruction functions check lengths but trust the dtype: each dtype is checked here
+            if name == "ndarray":
+                return _checked_array_type()
+            if name == "scalar":
+                return _checked(found, 0)
+            if name == "_frombuffer":
+                return _checked(found, 1)
+            return found
         raise pickle.UnpicklingError(f"{module}.{name} is not in this numpy")
 
 

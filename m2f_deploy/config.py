@@ -158,6 +158,13 @@ class ResNetConfig:
             raise ConfigError(f"backbone_config.layer_type {self.layer_type!r} is not supported (supported: bottleneck)")
         if any(h % 4 for h in self.hidden_sizes):
             raise ConfigError(f"backbone_config.hidden_sizes must be multiples of 4 (bottleneck), got {self.hidden_sizes}")
+        for name in ("downsample_in_first_stage", "downsample_in_bottleneck"):  # a string "no" would be true
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"backbone_config.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("num_channels", "embedding_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"backbone_config.{name} must be an integer of at least 1, got {value!r}")
         if self.downsample_in_first_stage:
             raise ConfigError("backbone_config.downsample_in_first_stage=true gives strides 8-64; Mask2Former needs 4-32")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:

@@ -276,6 +276,7 @@ METADATA = {
     "id2label-a-list": (_set("id2label", ["a", "b"]), "id2label"),
     "id2label-key-not-integer": (lambda meta: {**meta, "id2label": {"a": "x", **meta["id2label"]}}, "'a'"),
     "id2label-label-not-string": (lambda meta: {**meta, "id2label": {**meta["id2label"], "0": 7}}, "id2label[0]"),
+    "id2label-key-zero-padded": (lambda meta: {**meta, "id2label": {"00": "x", **meta["id2label"]}}, "'00'"),
     "id2label-gap": (lambda meta: {**meta, "id2label": {k: v for k, v in meta["id2label"].items() if k != "1"}},
                      "lacks [1]"),  # fmt: skip
     "id2label-short": (lambda meta: {**meta, "id2label": dict(list(meta["id2label"].items())[:-1])}, "classes"),
@@ -289,7 +290,10 @@ METADATA = {
     "input-size-lies-dynamic": (_input(dynamic_hw=True), "height dynamic"),
     "preprocessing-a-list": (_set("preprocessing", []), "preprocessing"),
     "preprocessing-std-zero": (_preprocessing(image_std=[0, 1, 1]), "image_std"),
+    "preprocessing-std-nan": (_preprocessing(image_std=[1, 1, float("nan")]), "image_std must be a finite"),
+    "preprocessing-mean-inf": (_preprocessing(image_mean=float("inf")), "image_mean must be a finite"),
     "preprocessing-one-element-mean": (_preprocessing(image_mean=[0.5]), "image_mean"),
+    "fused-heads-unknown": (_set("fused_heads", ["nope"]), "fused_heads lists \"nope\""),
     "num-queries-a-float": (_set("num_queries", 1.5), "num_queries"),
 }
 
@@ -353,6 +357,30 @@ def test_second_writer_on_one_out_is_refused(artifact, good, tmp_path, capsys):
         holder.release()
     assert run("m2f-predict", predict_cli.main, [str(artifact), str(good), "-o", str(out), "-q"]) == 0
     assert (out / "panoptic.json").is_file() and not (out / predict_cli.OutLock.NAME).exists()
+
+
+def test_lock_taken_on_a_file_a_finishing_run_removed_is_taken_again(tmp_path, monkeypatch):
+    """A finishing run unlinks the lock file between our open and our flock: a lock on the removed file would let a
+    third run create a new file and lock it too. The lock must end up on the file that is there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    first = predict_cli.OutLock(out)
+    real_open, opened = os.open, []
+
+    def open_then_finish(path, *args):
+        fd = real_open(path, *args)
+        opened.append(fd)
+        if len(opened) == 1:
+            first.release()  # the other run finishes right after our open
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_finish)
+    second = predict_cli.OutLock(out)
+    monkeypatch.undo()
+    assert os.fstat(second.fd).st_ino == os.stat(out / predict_cli.OutLock.NAME).st_ino
+    with pytest.raises(OutputError, match="another m2f-predict"):
+        predict_cli.OutLock(out)  # a third run is refused
+    second.release()
 
 
 def test_disk_full_mid_run_ends_in_one_line_with_whole_files_only(artifact, tmp_path, capsys):
@@ -508,6 +536,13 @@ def _mode_image(kind: str) -> tuple[Image.Image, np.ndarray]:
     if kind == "16-bit-gray":
         values = np.round(ramp * 65535).astype(np.uint16)
         return Image.fromarray(values), np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, -1)
+    if kind == "16-bit-transparent":  # a 16-bit PNG's tRNS: pixels of that gray value are transparent
+        values = np.round(ramp * 65535).astype(np.uint16)
+        image = Image.fromarray(values)
+        image.info["transparency"] = int(values[0, 5])
+        expected = np.repeat(np.round(values / 257).astype(np.uint8)[..., None], 3, -1)
+        expected[values == values[0, 5]] = 255  # white behind, as for an 8-bit gray PNG's tRNS
+        return image, expected
     if kind == "float-gray":
         return (Image.fromarray(ramp.astype(np.float32), mode="F"),
                 np.repeat(np.round(ramp.astype(np.float32) * 255.0).astype(np.uint8)[..., None], 3, -1))  # fmt: skip
@@ -523,7 +558,7 @@ def _mode_image(kind: str) -> tuple[Image.Image, np.ndarray]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["16-bit-gray", "float-gray", "cmyk", "palette-transparent", "gray-alpha"])
+@pytest.mark.parametrize("kind", ["16-bit-gray", "16-bit-transparent", "float-gray", "cmyk", "palette-transparent", "gray-alpha"])
 def test_unusual_modes_convert_as_a_decoder_would(kind, tmp_path):
     image, expected = _mode_image(kind)
     np.testing.assert_array_equal(np.asarray(pil_rgb(image)), expected)
@@ -611,6 +646,24 @@ def test_sigterm_during_export_removes_its_temporary_folder(checkpoint, tmp_path
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "m2f-export: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_interrupt_after_the_export_names_what_was_written(artifact, tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM in a step after the graph is published (--check-tensorrt, an engine, a Triton repository)
+    must not claim that nothing was written."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_cli, "_check_tensorrt", interrupted)
+    output = tmp_path / "semantic.onnx"
+    argv = [str(artifact), "--heads", "semantic", "--no-validate", "--check-tensorrt", "-q", "-o", str(output)]
+    assert run("m2f-export", export_cli.main, argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert output.is_file()
+    assert err == [f"m2f-export: interrupted; written (complete): {output}; the steps after it were not finished"]
+    argv = [str(artifact), "--check-tensorrt", "-q"]  # nothing written before the interrupt: the usual line
+    assert run("m2f-export", export_cli.main, argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["m2f-export: interrupted; nothing was written"]
 
 
 def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(checkpoint, tmp_path, capsys):

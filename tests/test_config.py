@@ -66,6 +66,26 @@ def test_bad_configs_name_the_file_and_field(tmp_path, edit, pattern):
     assert "config.json" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        ({"downsample_in_bottleneck": "no"}, "downsample_in_bottleneck must be true or false"),  # truthy: stride moved
+        ({"downsample_in_first_stage": 0}, "downsample_in_first_stage must be true or false"),
+        ({"embedding_size": "64"}, "embedding_size must be an integer"),
+        ({"num_channels": 0}, "num_channels must be an integer of at least 1"),
+    ],
+)
+def test_bad_resnet_configs_name_the_file_and_field(tmp_path, change, pattern):
+    from m2f_deploy.config import ResNetConfig
+
+    d = Mask2FormerConfig(backbone_config=ResNetConfig()).to_dict()
+    d["backbone_config"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=pattern) as e:
+        Mask2FormerConfig.from_pretrained(tmp_path)
+    assert "config.json" in str(e.value)
+
+
 def test_config_module_does_not_import_torch():
     code = "import sys, m2f_deploy.config, m2f_deploy.presets; print('torch' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"

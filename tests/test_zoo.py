@@ -371,3 +371,28 @@ def test_unpickler_allows_names_not_modules(tmp_path):
     assert b"c_codecs\nencode" in raw
     path.write_bytes(raw)
     assert read_detectron2(path) == {"w": b"abc"}
+
+
+@pytest.mark.parametrize("what", ["array", "scalar", "object-array", "ndarray-call"])
+def test_unpickler_refuses_forged_dtypes(tmp_path, what):
+    """numpy.dtype.__setstate__ believes the pickle: an int64 field renamed 'O8' becomes an object field numpy does
+    not know holds pointers, and the pickled bytes 0x41... would be dereferenced (a segfault) when read."""
+    from m2f_deploy.checkpoints import read_detectron2
+
+    record = np.zeros(1, dtype=[("a", "<i8")])
+    record["a"] = 0x4141414141414141
+
+    class _Call:
+        def __reduce__(self):
+            return np.ndarray, ((1,), np.dtype("<f4"), b"AAAA")
+
+    value = {"array": record, "scalar": record[0], "object-array": np.array([1, "x"], dtype=object),
+             "ndarray-call": _Call()}[what]
+    raw = pickle.dumps({"model": {"w": np.zeros(2, np.float32), "x": value}}, protocol=2)
+    if what in ("array", "scalar"):
+        assert raw.count(b"i8") == 1
+        raw = raw.replace(b"i8", b"O8")
+    path = tmp_path / "m.pkl"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=r"m\.pkl: refused, not executed: refused pickled (array of dtype|call)"):
+        read_detectron2(path)

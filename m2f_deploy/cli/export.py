@@ -136,7 +136,8 @@ def _triton_options(args):
 def _triton_repo(artifact: Path, args, options) -> int:
     from m2f_deploy.serve.repository import write_repository
 
-    print(write_repository(artifact, args.triton_repo, options))
+    print(repository := write_repository(artifact, args.triton_repo, options))
+    _WRITTEN.append(str(repository))
     return 0
 
 
@@ -155,7 +156,22 @@ def _tolerances(items: list[str]) -> dict[str, float]:
     return out
 
 
+_WRITTEN: list[str] = []  # what this run has published, for a true message when it is interrupted after that
+
+
 def main(argv: list[str] | None = None) -> int:
+    _WRITTEN.clear()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM through cli.common.run
+        if not _WRITTEN:
+            raise  # cli.common.run: "interrupted; nothing was written"
+        print(f"m2f-export: interrupted; written (complete): {', '.join(_WRITTEN)}; the steps after it were not "
+              "finished", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     height, width = height_width(args.size)
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_output = None
             with writing(onnx_path):
                 _quantize(Path(args.checkpoint), onnx_path, calibration, args)
+            _WRITTEN.append(str(onnx_path))
         if args.check_tensorrt and _check_tensorrt(onnx_path, args.trt_version):
             return 1  # the graph that would be built is the one checked
         engine = _engine_from_onnx(onnx_path, engine_output, engine_args) if build else None
@@ -259,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 fp32_output.unlink(missing_ok=True)
                 fp32_output.with_name(fp32_output.name + ".data").unlink(missing_ok=True)
     print(output)
+    _WRITTEN.append(str(output))
     if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
         return 1
     engine = None
@@ -266,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         from m2f_deploy.export.tensorrt import build_engine
 
         print(engine := build_engine(output, **engine_args))
+        _WRITTEN.append(str(engine))
     return _triton_repo(engine or output, args, triton) if triton else 0
 
 
@@ -415,6 +434,7 @@ def _fuse_onnx(args, triton) -> int:
         else:
             fuse_onnx(source, output, args.heads, head_size=args.head_size, validate=validate, seed=args.seed)
     print(output)
+    _WRITTEN.append(str(output))
     if args.check_tensorrt and _check_tensorrt(output, args.trt_version):
         return 1
     return _triton_repo(output, args, triton) if triton else 0
@@ -430,6 +450,7 @@ def _engine_from_onnx(onnx_path: Path, output: Path | None, engine_args: dict) -
 
     # build_engine checks its arguments, then the graph against TensorRT's ONNX support, then looks for TensorRT
     print(engine := build_engine(onnx_path, output, **engine_args))
+    _WRITTEN.append(str(engine))
     return Path(engine)
 
 

@@ -192,15 +192,25 @@ class OutLock:
             import fcntl
         except ImportError:  # Windows: no flock; no lock
             return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "?"
+                os.close(self.fd)
+                raise OutputError(
+                    f"--out {out}: another m2f-predict (pid {holder}) is writing there; wait for it or choose "
+                    "another folder"
+                ) from None
+            # a finishing run unlinks the file between our open and flock: that lock guards nothing (a third run
+            # creates a new file and locks it too), so lock the file that is there now
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
-            raise OutputError(
-                f"--out {out}: another m2f-predict (pid {holder}) is writing there; wait for it or choose another "
-                "folder"
-            ) from None
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -123,7 +123,10 @@ def pil_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         if image.mode == "RGB":
             return image
         if image.mode in _HIGH_BIT_DEPTH or image.mode == "F":
-            image = Image.fromarray(_gray_to_uint8(np.asarray(image), image.mode, name))
+            array, transparent = np.asarray(image), image.info.get("transparency")
+            image = Image.fromarray(_gray_to_uint8(array, image.mode, name))
+            if isinstance(transparent, int):  # a 16-bit PNG's tRNS gray value: kept as alpha, as for 8 bits
+                image.putalpha(Image.fromarray(np.where(array == transparent, 0, 255).astype(np.uint8)))
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, image.convert("RGBA"))

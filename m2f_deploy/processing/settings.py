@@ -16,6 +16,7 @@ apply, and the canvas must be a multiple of ``size_divisor`` itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -182,12 +183,14 @@ def _integer(error: type[Exception], key: str, value: Any, minimum: int | None =
 def _number(error: type[Exception], key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise error(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(float(value)):  # NaN (which JSON readers accept) would make every output NaN
+        raise error(f"{key} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _triple(error: type[Exception], key: str, value: Any) -> tuple[float, float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (float(value),) * 3
+        return (_number(error, key, value),) * 3
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise error(f"{key} must be one number or three (R, G, B), got {value!r}")
     return tuple(_number(error, key, v) for v in value)
