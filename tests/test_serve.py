@@ -400,7 +400,10 @@ def test_repository_from_onnx_with_the_export_flags(demo, tmp_path):
         assert "count: 2 kind: KIND_CPU" in (repo / name / "config.pbtxt").read_text()
         meta = json.loads((repo / name / "1" / triton_python.METADATA_FILE).read_text())
         assert meta["input"] == read_onnx_metadata(demo)["input"]
-    assert "max_batch_size: 4" in (repo / "m2f" / "config.pbtxt").read_text()
+    ensemble = (repo / "m2f" / "config.pbtxt").read_text()
+    assert "max_batch_size: 4" in ensemble
+    # each image's size leaves the ensemble: a request of several images gets maps padded to the largest
+    assert 'name: "original_size" data_type: TYPE_INT64 dims: [ 2 ]' in ensemble.split("output [")[1]
     assert "ok: m2f, m2f_model, m2f_postprocess, m2f_preprocess" in check_in_serving(repo, demo)
     # defaults: GPU, one instance, max batch 8, onnxruntime's TensorRT accelerator at the graph's precision
     default = write_repository(demo, tmp_path / "default")

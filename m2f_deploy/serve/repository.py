@@ -377,7 +377,10 @@ def ensemble_config(io: ArtifactIO, mb: int) -> str:
         '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
         "output [\n"
         '  { name: "segmentation" data_type: TYPE_INT64 dims: [ -1, -1 ] },\n'
-        '  { name: "segments_info" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+        '  { name: "segments_info" data_type: TYPE_STRING dims: [ 1 ] },\n'
+        # the preprocessing step's sizes, so that a client sending several images in one request can cut each
+        # padded map back to its image
+        '  { name: "original_size" data_type: TYPE_INT64 dims: [ 2 ] }\n]\n'
         "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 
@@ -525,7 +528,8 @@ def readme(artifact: Path, io: ArtifactIO, options: RepoOptions, mb: int, ensemb
         f"- `{ENSEMBLE}` (ensemble): send `image` (BYTES [1]: an encoded PNG/JPEG file) and `task` (BYTES [1]: "
         "`semantic`, `instance` or `panoptic`); get `segmentation` (INT64 [H, W], the image's own size; label ids "
         "for semantic, segment ids otherwise, -1 where none) and `segments_info` (BYTES [1], the JSON segment list of "
-        "`Segmenter.predict`, `[]` for semantic), at transformers' default thresholds.\n"
+        "`Segmenter.predict`, `[]` for semantic) and `original_size` (INT64 [2]: height, width), at transformers' default "
+        "thresholds. Images of one request are padded to the largest: cut each map to its `original_size`.\n"
         f"- `{PREPROCESS}`, `{POSTPROCESS}` (Python backend): m2f-deploy's numpy ImageProcessor.\n"
         if ensemble
         else "- No pre/post-processing ensemble: it is written for graphs with the raw logits, a float `pixel_values` "
