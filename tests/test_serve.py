@@ -624,3 +624,12 @@ def test_generated_model_py_answers_each_request(demo, tmp_path, monkeypatch):
     assert "not an image" in responses[1].error
     assert {t.name for t in responses[0].outputs} == {"pixel_values", "pixel_mask", "original_size"}
     assert responses[0].outputs[0].array.shape == (1, 3, 160, 160)
+
+
+def test_client_refuses_a_task_that_is_not_a_name():
+    """Checked before anything is sent (no server, no tritonclient needed): one typed error, not an AttributeError."""
+    from m2f_deploy.errors import InputError
+    from m2f_deploy.serve import Client
+
+    with pytest.raises(InputError, match="task must be one of semantic, instance, panoptic, got 3"):
+        Client.predict(object.__new__(Client), [b"x"], 3)

@@ -106,6 +106,8 @@ class Client:
 
         Raises :class:`ServeError` with the server's message when it refuses the request or an image.
         """
+        if not isinstance(task, str):  # the server names unknown task names; a non-string cannot even be sent
+            raise InputError(f"task must be one of {', '.join(protocol.TASKS)}, got {task!r}")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise InputError("images is empty")
