@@ -774,3 +774,13 @@ def test_legacy_key_alone_is_read_and_its_new_name_wins_when_both_are_given():
     assert ImageProcessor(image_mean=0.5).image_mean == (0.5, 0.5, 0.5)  # one number: all three channels
     with pytest.raises(ConfigError, match="image_mean must be one number or three"):
         ImageProcessor(image_mean=[0.5])
+
+
+def test_fractional_floats_above_one_are_refused_with_what_is_expected():
+    """Floats 0..255 with fractions cannot go through uint8 as transformers resizes: refused, saying what is taken."""
+    from m2f_deploy.processing import ImageProcessor
+
+    image = np.full((8, 8, 3), 100.5, np.float32)
+    with pytest.raises(InputError, match=r"fractional values in \[100.5, 100.5\]; expected whole numbers 0..255 or floats"):
+        ImageProcessor().preprocess([image])
+    ImageProcessor().preprocess([np.full((8, 8, 3), 100.0, np.float32)])  # whole numbers are taken

@@ -243,8 +243,9 @@ def resize_rgb(image: np.ndarray, size_hw: _Size, resample: int, name: str) -> n
         elif image.min() >= 0 and image.max() <= 1:
             image = (image.astype(np.float64) * 255).astype(np.float32)
             scaled = True
-        else:
-            raise InputError(f"{name} has values in [{image.min()}, {image.max()}]; expected 0..255 or 0..1")
+        else:  # transformers refuses these too (to_pil_image: outside [0, 1], cannot be converted to uint8)
+            raise InputError(f"{name} has fractional values in [{image.min()}, {image.max()}]; expected whole numbers "
+                             "0..255 or floats in 0..1")  # fmt: skip
         image = image.astype(np.uint8)
     pil = Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
     resized = np.moveaxis(np.asarray(pil.resize((size_hw[1], size_hw[0]), resample=resample)), -1, 0)
