@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -27,6 +31,31 @@ def test_run_exit_codes(capsys):
     assert capsys.readouterr().err == "m2f-x: interrupted; nothing was written\n"
     with pytest.raises(M2FError, match="^unrecognized arguments: --nope$"):
         Parser(prog="m2f-x").parse_args(["--nope"])
+
+
+
+def test_sigterm_unwinds_as_ctrl_c_and_the_handler_is_put_back(capsys):
+    received = []
+    guard = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # never the default: kill
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+
+        def killed(argv):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs in the main thread between two bytecodes
+                time.sleep(0.01)
+            return 0
+
+        assert run("m2f-x", killed) == 130 and received == []
+        assert capsys.readouterr().err == "m2f-x: interrupted; nothing was written\n"
+        assert signal.getsignal(signal.SIGTERM) is before
+        results = []  # outside the main thread (no signal handlers there): runs, and leaves SIGTERM alone
+        thread = threading.Thread(target=lambda: results.append(run("m2f-x", lambda argv: 0)))
+        thread.start()
+        thread.join()
+        assert results == [0] and signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, guard)
 
 
 def test_size():
