@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from m2f_deploy.cli.bench import main
+from m2f_deploy.errors import M2FError
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def recorded(monkeypatch):
               "width": 96}, "matmul_gflops": 150.4, "matmul_gflops_by_library": {"numpy": 150.4, "torch": 99.6},
               "date": "2026-12-03"}  # fmt: skip
     monkeypatch.setattr(bench, "benchmark", lambda target, **kw: calls.append(kw) or report)
-    monkeypatch.setattr(bench, "format_table", lambda r: "TABLE")
+    monkeypatch.setattr(bench, "format_table", lambda r: "TABLE" if r is report else "NOT THE REPORT")
     return calls, report
 
 
@@ -52,3 +53,25 @@ def test_backends_list_drops_blanks(recorded):
     calls, _ = recorded
     assert main(["m.onnx", "--backends", " ort-cpu,, torch ,", "-q"]) == 0
     assert calls[0]["backends"] == ["ort-cpu", "torch"]
+
+
+def test_json_file_and_log_lines(recorded, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["m.onnx", "--json", str(out)]) == 0
+    assert out.read_text().startswith('{\n "machine": {\n  "cpu": "Xeon",')  # indented by one space, as documented
+    assert f"wrote {out}" in capsys.readouterr().err
+    assert main(["m.onnx", "--json", str(out), "-q"]) == 0
+    assert capsys.readouterr().err == ""  # -q: nothing but the table
+
+
+def test_parser_usage_and_choices(recorded, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: m2f-bench ") and "--size H [W ...]" in usage
+    with pytest.raises(M2FError, match="^one of the arguments target --preset is required$"):
+        main([])
+    with pytest.raises(M2FError, match="invalid choice: 'everything'"):
+        main(["m.onnx", "--task", "everything"])
+    with pytest.raises(M2FError, match="^--calib is for --int8$"):
+        main(["m.onnx", "--calib", "images"])
