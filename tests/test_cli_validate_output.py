@@ -99,8 +99,24 @@ def test_bad_input_is_one_clear_error(files, tmp_path):
     ]
     two = write_graph(tmp_path / "two.onnx", dynamic_hw=False, class_logits=np.zeros((2, 3)), preprocessing=PRE,
                       conv_weight=W[:2], conv_bias=B[:2], id2label={0: "a", 1: "b"})  # fmt: skip
-    cases.append(([str(two), "--data", data], "the model has 2 classes, the dataset"))
+    cases.append(([str(two), "--data", data], f"has 2 classes, the dataset {data} has 7: it was not trained for this data"))
+    cases.append(([str(artifact), "--data", data, "--backend", "nope"], "nope"))  # --backend reaches the Segmenter
+    (tmp_path / "m.engine").write_bytes(b"not an engine")  # an artifact by its suffix: read as one, not "neither"
+    cases.append(([str(tmp_path / "m.engine"), "--data", data], "m.engine: "))
     for argv, message in cases:
         with pytest.raises(InputError) as e:
             main([*argv, "-q"])
         assert message in str(e.value), argv
+        assert ("neither" in str(e.value)) == ("panoptic.json" in argv[0]), argv
+
+
+def test_help_and_renamed_classes(files, tmp_path, capsys):
+    root, _ = files
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: m2f-validate ")
+    renamed = write_graph(tmp_path / "renamed.onnx", dynamic_hw=False, class_logits=CLS, preprocessing=PRE,
+                          conv_weight=W, conv_bias=B, id2label={**LABELS, 0: "heaven"})  # fmt: skip
+    assert main([str(renamed), "--data", str(root / "data"), "--task", "semantic", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert f"class names differ between the model and the dataset (compared by id): {{0: ('heaven', '{LABELS[0]}')}}" in err
