@@ -10,14 +10,16 @@ import json
 import numpy as np
 import onnx
 import pytest
-from test_flags_validate_bench import B, CLS, PRE, W, Standin
+from test_flags_validate_bench import B, CLS, PRE, STUFF, W, Standin
 from test_gates import write_graph
 
 import m2f_deploy
+from m2f_deploy import evaluation
 from m2f_deploy.artifact import METADATA_KEY
 from m2f_deploy.cli.validate import format_report, main
-from m2f_deploy.data import CLASSES, write_dataset
+from m2f_deploy.data import CLASSES, load_dataset, write_dataset
 from m2f_deploy.errors import InputError
+from m2f_deploy.runtime import Segmenter
 
 LABELS = {c["id"]: c["name"] for c in CLASSES}
 
@@ -56,8 +58,23 @@ def test_format_report():
 def test_printed_header_and_table(files, capsys):
     root, artifact = files
     assert main([str(artifact), "--data", str(root / "data"), "--backend", "cpu", "--json", str(root / "r.json")]) == 0
-    out = capsys.readouterr().out.splitlines()
-    report = json.loads((root / "r.json").read_text())
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert "2/2 images" in captured.err  # the progress counter, without -q
+    text = (root / "r.json").read_text()
+    assert text.startswith('{\n "model": {\n  "artifact": ')  # indented by one space
+    report = json.loads(text)
+    dataset = load_dataset(root / "data")  # every PQ part, as m2f_deploy.evaluation computes it directly
+    panoptic = evaluation.PanopticEvaluator(dataset.categories)
+    with Segmenter(artifact, "cpu") as seg:
+        for r in dataset:
+            panoptic.update(seg.predict(r.image(), "panoptic", label_ids_to_fuse=STUFF)[0], r.ground_truth())
+    pq = panoptic.compute()
+    for part, value in (("", pq.all), ("_things", pq.things), ("_stuff", pq.stuff)):
+        for key in ("PQ", "SQ", "RQ"):
+            assert report[key + part] == pytest.approx(getattr(value, key.lower()), nan_ok=True), key + part
+    iou = [v for v in report["per_class_IoU"].values() if v == v]  # NaN: a class in neither map
+    assert len(report["per_class_IoU"]) == 7 and report["mIoU"] == pytest.approx(sum(iou) / len(iou))
     assert out[0] == f"{artifact} on 2 images of {root / 'data'} ({report['model']['backend']}, fp32)" and out[1] == ""
     keys = ["PQ", "SQ", "RQ", "PQ_things", "PQ_stuff", "mIoU", "pixel_accuracy", "AP", "AP50", "AP75"]
     assert out[2] == "| " + " | ".join(keys) + " | agreement with PyTorch |"
@@ -86,6 +103,12 @@ def test_reference_from_the_artifacts_metadata(files, tmp_path, monkeypatch, cap
     (other / "config.json").write_text("{}")
     assert main([*argv, "--reference", str(other)]) == 0
     assert loaded == [checkpoint, other]  # --reference wins over the metadata
+    capsys.readouterr()
+    assert main([*argv, "--task", "instance", "--limit", "1"]) == 0  # the agreement needs semantic and panoptic maps
+    assert capsys.readouterr().err == ""  # -q: no progress counter either
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["images"] == 1 and report["agreement"] == {"semantic_pixels": 100.0,
+                                                             "panoptic_segments_matched": [2, 2]}  # fmt: skip
 
 
 def test_bad_input_is_one_clear_error(files, tmp_path):
