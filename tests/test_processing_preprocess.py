@@ -281,7 +281,7 @@ def test_from_pretrained_errors(tmp_path):
         (np.array([[1, "a"], [2, "b"]], dtype=object), r"images\[0\] has dtype object"),
         ([IMAGES[1], "cat.jpg"], r"images\[1\] is a str"),
         ([], "images is empty"),
-        (np.full((10, 10, 3), 300.5, np.float32), r"images\[0\] has values in \[300.5, 300.5\]"),
+        (np.full((10, 10, 3), 300.5, np.float32), r"images\[0\] has fractional values in \[300.5, 300.5\]"),
         (np.full((10, 10, 3), np.nan, np.float32), "NaN"),
         (np.zeros((2, 2, 10, 10, 3), np.uint8), r"images\[0\] has shape \(2, 2, 10, 10, 3\); expected"),
     ],
