@@ -77,6 +77,13 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def reference_default(demo):
+    """Segmenter.predict on the samples (one batch), every task, default thresholds."""
+    with Segmenter(demo) as segmenter:
+        yield {task: segmenter.predict(SAMPLES, task) for task in TASKS}
+
+
+@pytest.fixture(scope="module")
 def reference(demo):
     with Segmenter(demo) as segmenter:
         yield {task: segmenter.predict(SAMPLES, task, threshold=0.4) for task in SERVED}
@@ -282,6 +289,15 @@ def test_infer_function_answers_each_image_of_mixed_requests(demo):
         want = segmenter.predict(SAMPLES[1], "panoptic")[0]
         assert np.array_equal(panoptic["segmentation"], want["segmentation"])
         assert panoptic["segments_info"] == want["segments_info"]
+        # no query passes threshold 1.0: transformers' float -1 map, and the client gives it back as float32
+        empty = request([png0], ["panoptic"])
+        empty["threshold"][:] = 1.0
+        (out,) = call([empty])
+        got = protocol.decode_result("panoptic", out["segmentation"][0], out["size"][0], out["segments_info"][0, 0].decode())
+        want = segmenter.predict(SAMPLES[0], "panoptic", threshold=1.0)[0]
+        assert want["segments_info"] == [] and got["segments_info"] == []
+        assert got["segmentation"].dtype == want["segmentation"].dtype == np.float32
+        assert np.array_equal(got["segmentation"], want["segmentation"])
 
 
 def test_segmenter_gets_backend_threads_and_max_batch(demo):
@@ -381,6 +397,56 @@ def check_in_serving(repo: Path, artifact: Path) -> str:
     done = in_serving("-m", "m2f_deploy.serve.repository", str(repo), str(artifact))
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def test_generated_repository_runs_on_a_real_triton_server(demo, reference_default, tmp_path):
+    """The repository m2f-export writes, loaded by a real Triton (PyTriton's bundled server): its pre/post-processing
+    models, their model.py and the ensemble as written; only the model's onnxruntime backend, which that bundle lacks,
+    is stood in for by a Python-backend model running the same model.onnx (tests/triton_repo_probe.py)."""
+    from m2f_deploy.cli.export import main as export_main
+
+    repo = tmp_path / "repo"
+    assert export_main([str(demo), "--triton-repo", str(repo), "--triton-device", "cpu", "--triton-max-batch", "4",
+                        "-q"]) == 0  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    done = in_serving(str(ROOT / "tests" / "triton_repo_probe.py"), str(repo), str(out), *SAMPLES, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ready"] == {"m2f_model": True, "m2f_preprocess": True, "m2f_postprocess": True, "m2f": True}
+    optional = {t["name"]: t.get("optional", False) for t in report["ensemble_config"]["input"]}
+    assert optional == {"image": False, "task": False, **{k: True for k in protocol.THRESHOLDS}}
+    arrays = np.load(out / "results.npz", allow_pickle=True)
+
+    def results(key: str, task: str) -> list:
+        info = arrays[f"{key}/segments_info"].reshape(-1)
+        return [protocol.decode_result(task, arrays[f"{key}/segmentation"][i], arrays[f"{key}/original_size"][i],
+                                       protocol.as_text(info[i])) for i in range(len(SAMPLES))]  # fmt: skip
+
+    def assert_same(got: list, want: list, task: str) -> None:
+        for g, w in zip(got, want, strict=True):
+            if task == "semantic":
+                assert g.dtype == w.dtype and np.array_equal(g, w)
+            else:
+                assert g["segmentation"].dtype == w["segmentation"].dtype
+                assert np.array_equal(g["segmentation"], w["segmentation"]) and g["segments_info"] == w["segments_info"]
+
+    for task in TASKS:  # no thresholds sent: transformers' defaults
+        assert_same(results(f"{task}/default", task), reference_default[task], task)
+    with Segmenter(demo) as segmenter:
+        # the first image at threshold 0.995 (drops a segment of this confident model), the others at the default,
+        # in one request
+        mixed = segmenter.predict(SAMPLES[:1], "panoptic", threshold=0.995) + segmenter.predict(SAMPLES[1:], "panoptic")
+        assert len(mixed[0]["segments_info"]) < len(reference_default["panoptic"][0]["segments_info"])
+        assert_same(results("panoptic/mixed", "panoptic"), mixed, "panoptic")
+        none_pass = segmenter.predict(SAMPLES, "panoptic", threshold=1.0)
+        assert all(r["segments_info"] == [] for r in none_pass)
+        assert_same(results("panoptic/none_pass", "panoptic"), none_pass, "panoptic")
+    errors = report["errors"]
+    assert "image 0: not an image Pillow can read" in errors["not_an_image"]
+    assert "unknown task 'panoptik'" in errors["unknown_task"]
+    assert "threshold must be a number in [0, 1], got 1.5" in errors["bad_threshold"]
+    assert report["after_errors"] is True
 
 
 def test_repository_from_onnx_with_the_export_flags(demo, tmp_path):
@@ -522,6 +588,9 @@ TAMPER = [
     ("m2f", 'input_map { key: "task" value: "task" }', "", "inputs ['task'] are not mapped"),
     ("m2f_preprocess", 'name: "m2f_preprocess"', 'name: "pre"', "is not its folder's name"),
     ("m2f_postprocess", "max_batch_size: 8", "max_batch_size: 4", "m2f_postprocess has max_batch_size 4"),
+    ("m2f_postprocess", 'name: "threshold" data_type: TYPE_FP32 dims: [ 1 ] optional: true',
+     'name: "threshold" data_type: TYPE_FP32 dims: [ 1 ]',
+     "the optional input 'threshold' feeds m2f_postprocess's required input 'threshold'"),
 ]
 
 
@@ -609,7 +678,7 @@ def test_generated_model_py_answers_each_request(demo, tmp_path, monkeypatch):
 
     pb = types.SimpleNamespace(
         Tensor=Tensor, InferenceResponse=Response, TritonError=lambda message: message,
-        get_input_tensor_by_name=lambda request, name: Tensor(name, request[name]),
+        get_input_tensor_by_name=lambda request, name: Tensor(name, request[name]) if name in request else None,
     )  # fmt: skip
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     repo = write_repository(demo, tmp_path / "repo")
@@ -624,6 +693,23 @@ def test_generated_model_py_answers_each_request(demo, tmp_path, monkeypatch):
     assert "not an image" in responses[1].error
     assert {t.name for t in responses[0].outputs} == {"pixel_values", "pixel_mask", "original_size"}
     assert responses[0].outputs[0].array.shape == (1, 3, 160, 160)
+    # the post-processing model: the thresholds are optional inputs (absent: None from Triton, the defaults)
+    pre = {t.name: t.array for t in responses[0].outputs}
+    namespace = {}
+    exec(compile((repo / "m2f_postprocess/1/model.py").read_text(), "model.py", "exec"), namespace)
+    post = namespace["TritonPythonModel"]()
+    post.initialize({"model_repository": str(repo / "m2f_postprocess"), "model_version": "1"})
+    with Segmenter(demo) as segmenter:
+        common = {**segmenter.infer(pre["pixel_values"]), "pixel_mask": pre["pixel_mask"],
+                  "original_size": pre["original_size"], "task": np.array([[b"panoptic"]], dtype=object)}  # fmt: skip
+        none_pass = {**common, "threshold": np.array([[1.0]], np.float32)}
+        out_of_range = {**common, "mask_threshold": np.array([[-0.5]], np.float32)}
+        plain, empty, refused = post.execute([common, none_pass, out_of_range])
+        assert plain.error is None and empty.error is None
+        assert "mask_threshold must be a number in [0, 1], got -0.5" in refused.error
+        segments = {t.name: t.array for t in plain.outputs}["segments_info"][0, 0].decode()
+        assert json.loads(segments) == segmenter.predict(SAMPLES[0], "panoptic")[0]["segments_info"] != []
+        assert {t.name: t.array for t in empty.outputs}["segments_info"][0, 0] == b"[]"
 
 
 def test_client_refuses_a_task_that_is_not_a_name():

@@ -34,7 +34,8 @@ DEFAULTS = {"threshold": 0.5, "mask_threshold": 0.5, "overlap_mask_area_threshol
 INPUTS = ("image", "task", *THRESHOLDS)
 OUTPUTS = ("segmentation", "size", "segments_info", "error")
 SEGMENTATION_DTYPES = {"semantic": np.int64, "instance": np.float32, "panoptic": np.int32}
-"""The dtype ``Segmenter.predict`` gives each task's map (sent as INT64, cast back by the client)."""
+"""The dtype ``Segmenter.predict`` gives each task's map (sent as INT64, cast back by the client); a panoptic map
+without segments (-1 everywhere) is float32, as transformers gives it."""
 PAD = -1
 
 
@@ -77,7 +78,10 @@ def encode_results(task: str, results: Sequence[Any]) -> tuple[np.ndarray, np.nd
 def decode_result(task: str, segmentation: np.ndarray, size: Sequence[int], segments_info: str) -> Any:
     """One image's response -> the structure ``Segmenter.predict`` returns for ``task``."""
     h, w = int(size[0]), int(size[1])
-    seg = np.ascontiguousarray(segmentation[:h, :w]).astype(SEGMENTATION_DTYPES[task])
+    seg = np.ascontiguousarray(segmentation[:h, :w])
+    # a panoptic map without segments is transformers' float -1 map; with segments its ids are int32 from 0
+    dtype = np.float32 if task == "panoptic" and seg.size and seg.min() < 0 else SEGMENTATION_DTYPES[task]
+    seg = seg.astype(dtype)
     if task == "semantic":
         return seg
     return {"segmentation": seg, "segments_info": json.loads(segments_info)}

@@ -350,12 +350,21 @@ def postprocess_config(io: ArtifactIO, options: RepoOptions, mb: int) -> str:
         + "".join(_tensor(s, _dims(s, mb)) + ",\n" for s in logits)
         + f'  {{ name: "pixel_mask" data_type: TYPE_INT64 dims: [ {h}, {w} ] }},\n'
         '  { name: "original_size" data_type: TYPE_INT64 dims: [ 2 ] },\n'
-        '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+        '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] },\n'
+        + _threshold_inputs()
+        + "]\n"
         "output [\n"
         '  { name: "segmentation" data_type: TYPE_INT64 dims: [ -1, -1 ] },\n'
         '  { name: "segments_info" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
         f"instance_group [ {{ count: {options.instances} kind: KIND_CPU }} ]\n"
     )
+
+
+def _threshold_inputs() -> str:
+    """The post-processing thresholds, optional: a request without one gets transformers' default (Triton passes
+    an optional input the client left out to no step, and the Python step sees None)."""
+    return ",\n".join(f'  {{ name: "{k}" data_type: TYPE_FP32 dims: [ 1 ] optional: true }}'
+                       for k in protocol.THRESHOLDS) + "\n"  # fmt: skip
 
 
 def _step(model: str, inputs: list[str], outputs: list[str]) -> str:
@@ -368,13 +377,16 @@ def ensemble_config(io: ArtifactIO, mb: int) -> str:
     steps = [
         _step(PREPROCESS, ["image"], [INPUT_NAME, "pixel_mask", "original_size"]),
         _step(MODEL, [INPUT_NAME], list(OUTPUT_NAMES)),
-        _step(POSTPROCESS, [*OUTPUT_NAMES, "pixel_mask", "original_size", "task"], ["segmentation", "segments_info"]),
+        _step(POSTPROCESS, [*OUTPUT_NAMES, "pixel_mask", "original_size", "task", *protocol.THRESHOLDS],
+              ["segmentation", "segments_info"]),
     ]
     return (
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {mb}\n'
         "input [\n"
         '  { name: "image" data_type: TYPE_STRING dims: [ 1 ] },\n'
-        '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+        '  { name: "task" data_type: TYPE_STRING dims: [ 1 ] },\n'
+        + _threshold_inputs()
+        + "]\n"
         "output [\n"
         '  { name: "segmentation" data_type: TYPE_INT64 dims: [ -1, -1 ] },\n'
         '  { name: "segments_info" data_type: TYPE_STRING dims: [ 1 ] },\n'
@@ -493,6 +505,7 @@ def _check_against_artifact(config: Any, io: ArtifactIO, where: str) -> None:
 
 def _check_ensemble(config: Any, configs: dict[str, Any], where: str) -> None:
     produced = {t.name for t in config.input}
+    optional = {t.name for t in config.input if t.optional}
     for step in config.ensemble_scheduling.step:
         model = configs.get(step.model_name)
         if model is None:
@@ -506,6 +519,10 @@ def _check_ensemble(config: Any, configs: dict[str, Any], where: str) -> None:
                 raise InputError(f"{where}: {step.model_name} has no input {key!r}")
             if value not in produced:
                 raise InputError(f"{where}: {step.model_name}'s input {key!r} reads {value!r}, which nothing before it gives")
+            if value in optional and not next(t for t in model.input if t.name == key).optional:
+                # a request leaving the input out would reach the step without it, and fail there
+                raise InputError(f"{where}: the optional input {value!r} feeds {step.model_name}'s required "
+                                 f"input {key!r}")  # fmt: skip
         missing = ins - set(step.input_map)
         if missing:
             raise InputError(f"{where}: {step.model_name}'s inputs {sorted(missing)} are not mapped")
@@ -528,8 +545,9 @@ def readme(artifact: Path, io: ArtifactIO, options: RepoOptions, mb: int, ensemb
         f"- `{ENSEMBLE}` (ensemble): send `image` (BYTES [1]: an encoded PNG/JPEG file) and `task` (BYTES [1]: "
         "`semantic`, `instance` or `panoptic`); get `segmentation` (INT64 [H, W], the image's own size; label ids "
         "for semantic, segment ids otherwise, -1 where none) and `segments_info` (BYTES [1], the JSON segment list of "
-        "`Segmenter.predict`, `[]` for semantic) and `original_size` (INT64 [2]: height, width), at transformers' default "
-        "thresholds. Images of one request are padded to the largest: cut each map to its `original_size`.\n"
+        "`Segmenter.predict`, `[]` for semantic) and `original_size` (INT64 [2]: height, width). Optional FP32 [1] "
+        "inputs `threshold`, `mask_threshold`, `overlap_mask_area_threshold` (numbers in [0, 1]) set the "
+        "post-processing's thresholds per image; left out, transformers' defaults (0.5, 0.5, 0.8). Images of one request are padded to the largest: cut each map to its `original_size`.\n"
         f"- `{PREPROCESS}`, `{POSTPROCESS}` (Python backend): m2f-deploy's numpy ImageProcessor.\n"
         if ensemble
         else "- No pre/post-processing ensemble: it is written for graphs with the raw logits, a float `pixel_values` "

@@ -61,14 +61,16 @@ class Preprocess:
 
 
 class Postprocess:
-    """The logits, ``pixel_mask``, ``original_size`` and ``task`` -> ``segmentation`` and ``segments_info``.
+    """The logits, ``pixel_mask``, ``original_size``, ``task`` and the optional thresholds -> ``segmentation`` and
+    ``segments_info``.
 
     ``segmentation``: INT64 ``[B, H, W]`` at the largest image's size, padded with -1 (each image's own size is
     its ``original_size``); ``segments_info``: BYTES ``[B, 1]``, the JSON segment list (``[]`` for semantic).
-    Thresholds are HF's defaults.
+    ``threshold``, ``mask_threshold``, ``overlap_mask_area_threshold`` (FP32 ``[B, 1]``, each optional: absent,
+    :data:`~m2f_deploy.serve.protocol.DEFAULTS`) apply per image.
     """
 
-    inputs = (*OUTPUT_NAMES, "pixel_mask", "original_size", "task")
+    inputs = (*OUTPUT_NAMES, "pixel_mask", "original_size", "task", *protocol.THRESHOLDS)
 
     def __init__(self, meta: dict[str, Any]):
         self.processor = processor_from_metadata(meta)
@@ -78,13 +80,24 @@ class Postprocess:
         if len(tasks) != 1:
             raise ValueError(f"one task per request, got {sorted(tasks)}")
         task = protocol.check_task(tasks.pop())
-        outputs = {name: np.asarray(arrays[name]) for name in OUTPUT_NAMES}
-        common = {
-            "target_sizes": [tuple(int(v) for v in s) for s in np.asarray(arrays["original_size"]).reshape(-1, 2)],
-            "pixel_mask": np.asarray(arrays["pixel_mask"]),
-        }
+        sizes = [tuple(int(v) for v in s) for s in np.asarray(arrays["original_size"]).reshape(-1, 2)]
+        count = len(sizes)
+        values = {}
+        for key in protocol.THRESHOLDS:
+            given = arrays.get(key)
+            column = np.full(count, protocol.DEFAULTS[key]) if given is None else np.asarray(given, np.float64).reshape(-1)
+            if column.shape != (count,):
+                raise ValueError(f"{key}: one value per image ({count}), got {column.size}")
+            values[key] = column
         post = getattr(self.processor, f"post_process_{task}_segmentation")
-        results = post(outputs, **common)
+        pixel_mask = np.asarray(arrays["pixel_mask"])
+        results = []
+        for i in range(count):  # per image: each may carry its own thresholds (the post-process is per image anyway)
+            thresholds = protocol.check_thresholds({k: float(v[i]) for k, v in values.items()})
+            if task == "semantic":
+                thresholds = {}  # transformers' semantic post-process takes none
+            outputs = {name: np.asarray(arrays[name])[i : i + 1] for name in OUTPUT_NAMES}
+            results += post(outputs, target_sizes=[sizes[i]], pixel_mask=pixel_mask[i : i + 1], **thresholds)
         maps, _, infos = protocol.encode_results(task, results)
         return {"segmentation": maps, "segments_info": np.array([[s.encode()] for s in infos], dtype=object)}
 
@@ -120,7 +133,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                arrays = {{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.step.inputs}}
+                tensors = {{name: pb_utils.get_input_tensor_by_name(request, name) for name in self.step.inputs}}
+                arrays = {{name: t.as_numpy() for name, t in tensors.items() if t is not None}}  # optional ones: None
                 out = self.step(arrays)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
             except Exception as e:  # one bad request is answered with its error; the others go on
