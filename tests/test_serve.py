@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,7 +195,8 @@ def server(demo):
     serving()
     # every flag away from its default (the default host, loopback, is the parser's: test_serve_defaults)
     s = Server(demo, "--max-batch", "4", "--queue-delay-us", "2000", "--instances", "2", "--model-name", "seg",
-               "--host", "127.0.0.2", "--task", "semantic", "--task", "panoptic", host="127.0.0.2")  # fmt: skip
+               "--host", "127.0.0.2", "--task", "semantic", "--task", "panoptic", "--exit-timeout-s", "3",
+               host="127.0.0.2")  # fmt: skip
     yield s
     s.kill()
 
@@ -251,7 +253,18 @@ def test_serve_flags_reach_triton(server, probed):
 def test_sigterm_stops_the_server_and_everything_it_started(server, probed):
     # (SIGINT takes the same handler: checked by hand, not here, to keep CI short)
     assert server.session_processes()  # tritonserver and its stubs run now
+    # Triton's own start-up table shows the exit timeout it was given
+    assert any(re.match(r"\|\s*exit_timeout\s*\|\s*3\s*\|", line) for line in server.lines + server.err)
+    # a client's open keep-alive connection holds Triton's exit for the whole timeout (30 s by Triton's default)
+    import http.client
+
+    connection = http.client.HTTPConnection(server.host, server.http, timeout=10)
+    connection.request("GET", "/v2/health/ready")
+    assert connection.getresponse().status == 200
+    start = time.monotonic()
     assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - start < 20
+    connection.close()
     assert server.lines[-1].strip() == "m2f-serve: stopped"
     assert server.session_processes() == []
 
@@ -261,6 +274,7 @@ def test_serve_defaults():
 
     args = build_parser().parse_args(["x.onnx"])
     assert (args.host, args.port, args.grpc_port, args.max_batch, args.task) == ("127.0.0.1", 8000, None, 8, None)
+    assert (args.queue_delay_us, args.exit_timeout_s) == (0, 10)
 
 
 def test_infer_function_answers_each_image_of_mixed_requests(demo):
@@ -322,6 +336,7 @@ def test_serve_cli_errors_are_one_line(demo, capsys):
         ("--max-batch", "0"): "--max-batch 0: at least 1",
         ("--queue-delay-us", "-1"): "--queue-delay-us -1",
         ("--instances", "0"): "--instances 0: at least 1",
+        ("--exit-timeout-s", "-1"): "--exit-timeout-s -1: must be 0 or more",
         ("--port", "70000"): "not a TCP port",
         ("--task", "panoptik"): "invalid choice",
     }

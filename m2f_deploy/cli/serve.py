@@ -15,7 +15,7 @@ def build_parser() -> Parser:
     p = Parser(
         prog="m2f-serve",
         description="Serve an exported Mask2Former on Triton Inference Server (HTTP and gRPC, dynamic batching).",
-        epilog="Example: m2f-serve model.onnx --max-batch 8 --queue-delay-us 5000  (then: m2f_deploy.serve.Client)",
+        epilog="Example: m2f-serve model.onnx --max-batch 8  (then: m2f_deploy.serve.Client)",
     )
     p.add_argument("artifact", type=Path, help="an .onnx file from m2f-export, or a TensorRT .engine with its .json")
     p.add_argument("--host", default=LOOPBACK,
@@ -26,14 +26,18 @@ def build_parser() -> Parser:
     p.add_argument("--max-batch", type=int, default=8,
                    help="most images per model call (and per request); Triton merges requests up to it (default: 8; "
                         "1: no dynamic batching)")
-    p.add_argument("--queue-delay-us", type=int, default=5000,
-                   help="how long Triton may hold a request to merge it with others, in microseconds (default: 5000)")
+    p.add_argument("--queue-delay-us", type=int, default=0,
+                   help="how long Triton may hold a request to wait for others to merge with, in microseconds "
+                        "(default: 0: requests that queued while the model was busy are still merged)")
     p.add_argument("--instances", type=int, default=1, help="model instances, each with its own session (default: 1)")
     p.add_argument("--task", action="append", choices=TASKS, default=None,
                    help="a task to serve (repeatable; default: all three)")
     p.add_argument("--model-name", default=MODEL_NAME, help=f"the model's name on the server (default: {MODEL_NAME})")
     p.add_argument("--backend", default="auto", help="as m2f-predict --backend (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per instance")
+    p.add_argument("--exit-timeout-s", type=int, default=10,
+                   help="on SIGINT / SIGTERM, how long Triton waits for in-flight requests and open client "
+                        "connections before it exits anyway (default: 10)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return p
 
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.port + 2 if args.metrics_port is None else args.metrics_port,
         max_batch=args.max_batch, queue_delay_us=args.queue_delay_us, instances=args.instances,
         tasks=tasks, model_name=args.model_name,
-        backend=args.backend, threads=args.threads,
+        backend=args.backend, threads=args.threads, exit_timeout_s=args.exit_timeout_s,
     ).check()  # fmt: skip
     from m2f_deploy.serve.server import serve
 

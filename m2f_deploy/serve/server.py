@@ -38,12 +38,13 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     max_batch: int = 8
-    queue_delay_us: int = 5000
+    queue_delay_us: int = 0
     instances: int = 1
     tasks: tuple[str, ...] = protocol.TASKS
     model_name: str = protocol.MODEL_NAME
     backend: str = "auto"
     threads: int | None = None
+    exit_timeout_s: int = 10
 
     def check(self) -> ServeOptions:
         for name in ("http_port", "grpc_port", "metrics_port"):
@@ -58,6 +59,8 @@ class ServeOptions:
             raise InputError(f"--queue-delay-us {self.queue_delay_us}: must be 0 or more")
         if self.instances < 1:
             raise InputError(f"--instances {self.instances}: at least 1")
+        if self.exit_timeout_s < 0:
+            raise InputError(f"--exit-timeout-s {self.exit_timeout_s}: must be 0 or more")
         for task in self.tasks:
             protocol.check_task(task)
         return self
@@ -217,6 +220,9 @@ def serve(
             grpc_address=options.host, grpc_port=options.grpc_port,
             metrics_address=options.host, metrics_port=options.metrics_port,
             exit_on_error=True, log_verbose=0,
+            # on SIGINT / SIGTERM Triton waits this long for in-flight requests and for clients' open (keep-alive)
+            # connections, then exits anyway; its own default, 30 s, is Kubernetes' whole grace period
+            exit_timeout_secs=options.exit_timeout_s,
         )  # fmt: skip
         stop = stop_event or threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
