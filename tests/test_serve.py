@@ -425,7 +425,8 @@ def test_generated_repository_runs_on_a_real_triton_server(demo, reference_defau
                         "-q"]) == 0  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()
-    done = in_serving(str(ROOT / "tests" / "triton_repo_probe.py"), str(repo), str(out), *SAMPLES, timeout=300)
+    ports = [str(p) for p in free_ports(3)]
+    done = in_serving(str(ROOT / "tests" / "triton_repo_probe.py"), str(repo), str(out), *ports, *SAMPLES, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["ready"] == {"m2f_model": True, "m2f_preprocess": True, "m2f_postprocess": True, "m2f": True}

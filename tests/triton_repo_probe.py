@@ -1,7 +1,7 @@
 """Run in the serving environment by tests/test_serve.py: load a generated model repository into a real Triton
 server (PyTriton's bundled one) and query its ensemble.
 
-    python tests/triton_repo_probe.py REPO OUT_DIR IMAGE...
+    python tests/triton_repo_probe.py REPO OUT_DIR HTTP_PORT GRPC_PORT METRICS_PORT IMAGE...
 
 PyTriton's bundle holds Triton's Python backend but not its onnxruntime backend, so the repository's ``m2f_model``
 (platform ``onnxruntime_onnx``) is swapped for a Python-backend model that runs the same ``model.onnx`` under
@@ -16,7 +16,6 @@ as Triton reports it, the errors of bad requests). The comparison with Segmenter
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -59,16 +58,6 @@ def swap_model_backend(repo: Path) -> None:
     (repo / "m2f_model" / "1" / "model.py").write_text(STAND_IN)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def main() -> int:
     import os
 
@@ -77,11 +66,11 @@ def main() -> int:
 
     from m2f_deploy.serve.server import python_library_path
 
-    repo, out_dir, *images = sys.argv[1:]
+    repo, out_dir, http, grpc, metrics, *images = sys.argv[1:]
     repo, out_dir = Path(repo), Path(out_dir)
+    http, grpc, metrics = int(http), int(grpc), int(metrics)
     swap_model_backend(repo)
     blobs = [Path(p).read_bytes() for p in images]
-    http, grpc, metrics = free_ports(3)
     os.environ["LD_LIBRARY_PATH"] = python_library_path()  # as m2f-serve does (see its docstring)
     config = TritonConfig(
         model_repository=repo, http_address="127.0.0.1", http_port=http, grpc_address="127.0.0.1", grpc_port=grpc,
