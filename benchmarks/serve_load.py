@@ -48,6 +48,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+START_TIMEOUT_S = 300
 LOGS: dict[int, list[str]] = {}
 """Each server's output (Triton's log and m2f-serve's lines), by process id: its tail is printed on errors."""
 
@@ -61,12 +62,18 @@ def start_server(artifact: str, *flags: str) -> tuple[subprocess.Popen, int]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )  # fmt: skip
     log = LOGS.setdefault(proc.pid, [])
-    for line in proc.stdout:
-        log.append(line)
-        if line.startswith("serving "):
-            threading.Thread(target=lambda: [log.append(x) for x in proc.stdout], daemon=True).start()
-            return proc, http
-    raise SystemExit(f"m2f-serve {' '.join(flags)} did not start:\n{''.join(log[-20:])}")
+    deadline = threading.Timer(START_TIMEOUT_S, lambda: os.killpg(proc.pid, signal.SIGKILL))  # a start that hangs
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            log.append(line)
+            if line.startswith("serving "):
+                threading.Thread(target=lambda: [log.append(x) for x in proc.stdout], daemon=True).start()
+                return proc, http
+    finally:
+        deadline.cancel()
+    raise SystemExit(f"m2f-serve {' '.join(flags)} did not start within {START_TIMEOUT_S} s (or exited):\n"
+                     + "".join(log[-20:]))
 
 
 def cpu_seconds(session: int | None) -> float:
