@@ -29,6 +29,18 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _whole_numbers(name: str, values: Any) -> list[int]:
+    """``backbone_config.<name>`` as a list of ints: 3.0 is taken, 3.5 and True are refused (``int()`` would floor
+    3.5 to a different model without a word)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"backbone_config.{name}: a list of whole numbers, got {values!r}")
+    values = list(values)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not float(v).is_integer():
+            raise ConfigError(f"backbone_config.{name}: whole numbers only, got {v!r} in {values}")
+    return [int(v) for v in values]
+
+
 @dataclass
 class SwinConfig:
     """The Swin backbone, as transformers' ``SwinConfig`` describes it.
@@ -56,8 +68,8 @@ class SwinConfig:
     model_type = "swin"
 
     def __post_init__(self) -> None:
-        self.depths = [int(d) for d in self.depths]
-        self.num_heads = [int(h) for h in self.num_heads]
+        self.depths = _whole_numbers("depths", self.depths)
+        self.num_heads = _whole_numbers("num_heads", self.num_heads)
         self.out_features = list(self.out_features)
         self.validate()
 
@@ -139,8 +151,8 @@ class ResNetConfig:
     model_type = "resnet"
 
     def __post_init__(self) -> None:
-        self.depths = [int(d) for d in self.depths]
-        self.hidden_sizes = [int(h) for h in self.hidden_sizes]
+        self.depths = _whole_numbers("depths", self.depths)
+        self.hidden_sizes = _whole_numbers("hidden_sizes", self.hidden_sizes)
         self.out_features = list(self.out_features)
         self.validate()
 

@@ -54,7 +54,10 @@ def test_reads_what_transformers_writes(tmp_path):
         (lambda d: d.update(activation_function="silu"), "activation_function 'silu' is not supported"),
         (lambda d: d.update(feature_size=48, num_attention_heads=8), "multiple of 32"),
         (lambda d: d.update(model_type="detr"), "not a Mask2Former config"),
-        (lambda d: d["backbone_config"].update(depths="abc"), "bad field value"),
+        (lambda d: d["backbone_config"].update(depths="abc"), "backbone_config.depths: a list of whole numbers"),
+        # int() would floor these to another model without a word
+        (lambda d: d["backbone_config"].update(depths=[1, 1, 1.5, 1]), r"depths: whole numbers only, got 1.5"),
+        (lambda d: d["backbone_config"].update(num_heads=[1, True, 2, 2]), r"num_heads: whole numbers only, got True"),
     ],
 )
 def test_bad_configs_name_the_file_and_field(tmp_path, edit, pattern):

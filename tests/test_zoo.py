@@ -107,6 +107,8 @@ def test_resnet_config_round_trip_and_refusals():
         ({"layer_type": "basic"}, "layer_type 'basic' is not supported"),
         ({"downsample_in_first_stage": True}, "strides 8-64"),
         ({"depths": [1, 1, 1]}, "4-stage ResNet"),
+        ({"depths": [1, 1, 1, 2.5]}, "depths: whole numbers only, got 2.5"),
+        ({"hidden_sizes": [8, 16, 32, "64"]}, "hidden_sizes: whole numbers only, got '64'"),
     ):
         with pytest.raises(ConfigError, match=message):
             r50_tiny(**bad)
