@@ -72,6 +72,8 @@ def resolve(path_or_id: str | os.PathLike, zoo_config: Any = None) -> Checkpoint
     path = Path(path_or_id)
     if path.suffix in DETECTRON2_SUFFIXES and not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO, socket or device
+        raise CheckpointError(f"{path}: not a regular file or a folder; give a checkpoint folder or a .pkl / .pth file")
     if path.is_file() and path.suffix in DETECTRON2_SUFFIXES:
         if zoo_config is None:
             raise CheckpointError(

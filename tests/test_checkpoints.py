@@ -120,6 +120,18 @@ def test_folder_without_config(copy):
         load_model(copy)
 
 
+@pytest.mark.parametrize("name", ["pipe", "pipe.pkl"])
+def test_a_fifo_is_neither_a_checkpoint_file_nor_a_folder(tmp_path, name):
+    import os
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=f"{name}: not a regular file or a folder"):
+        load_model(fifo)
+    with pytest.raises(CheckpointError, match=f"{name}: not a regular file or a folder"):
+        load_model(fifo, zoo_config="coco-panoptic/maskformer2_R50_bs16_50ep")
+
+
 def test_folder_without_weights(copy):
     (copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"ckpt: no weights found"):
