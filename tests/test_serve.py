@@ -677,6 +677,47 @@ def test_python_backend_steps_equal_segmenter_predict(demo):
                     assert got["segments_info"] == want[i]["segments_info"]
 
 
+def test_postprocess_thresholds_per_image_and_bad_inputs_named(demo):
+    """The ensemble's post-processing: thresholds per image for instance too, checked for semantic (as
+    Segmenter.predict checks them) though unused; each bad input refused with its name (and image)."""
+    meta = read_onnx_metadata(demo)
+    pre, post = triton_python.Preprocess(meta), triton_python.Postprocess(meta)
+    blobs = np.array([[Path(p).read_bytes()] for p in SAMPLES[:2]], dtype=object)
+
+    def task(*names: str) -> np.ndarray:
+        return np.array([[n.encode()] for n in names], dtype=object)
+
+    def column(*values: float) -> np.ndarray:
+        return np.array(values, np.float32).reshape(-1, 1)
+
+    with Segmenter(demo, batch_size=2) as segmenter:
+        tensors = pre({"image": blobs})
+        base = {**segmenter.infer(tensors["pixel_values"]), **tensors}
+        out = post({**base, "task": task("instance", "instance"), "threshold": column(0.995, 0.5)})
+        want = segmenter.predict(SAMPLES[:1], "instance", threshold=0.995) + segmenter.predict(SAMPLES[1:2], "instance")
+        assert len(want[0]["segments_info"]) < len(segmenter.predict(SAMPLES[0], "instance")[0]["segments_info"])
+        for i in range(2):
+            got = protocol.decode_result("instance", out["segmentation"][i], tensors["original_size"][i],
+                                         out["segments_info"][i, 0].decode())  # fmt: skip
+            assert np.array_equal(got["segmentation"], want[i]["segmentation"])
+            assert got["segments_info"] == want[i]["segments_info"]
+        with pytest.raises(InputError) as e:
+            segmenter.predict(SAMPLES[0], "semantic", threshold=1.5)
+        assert "threshold" in str(e.value)
+        refusals = {
+            r"task: one task per request, got \['instance', 'panoptic'\]": {"task": task("panoptic", "instance")},
+            r"threshold: one value per image \(2\), got 1": {"task": task("panoptic", "panoptic"),
+                                                                "threshold": column(0.5)},
+            r"image 1: mask_threshold must be a number in \[0, 1\], got -0.5": {
+                "task": task("instance", "instance"), "mask_threshold": column(0.5, -0.5)},
+            r"image 0: threshold must be a number in \[0, 1\], got 1.5": {"task": task("semantic", "semantic"),
+                                                                            "threshold": column(1.5, 0.5)},
+        }  # fmt: skip
+        for message, arrays in refusals.items():
+            with pytest.raises(InputError, match=f"^{message}$"):
+                post({**base, **arrays})
+
+
 def test_generated_model_py_answers_each_request(demo, tmp_path, monkeypatch):
     """The model.py the repository holds, run against a stand-in of Triton's ``triton_python_backend_utils``."""
     import types
