@@ -277,6 +277,25 @@ def test_serve_defaults():
     assert (args.queue_delay_us, args.exit_timeout_s) == (0, 10)
 
 
+def test_readme_serve_flag_table_matches_the_parser():
+    """Every m2f-serve flag has a row in the README's table, every row is a flag, and each default shown is the
+    parser's (the table had drifted: -q had no row)."""
+    from m2f_deploy.cli.serve import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("**`m2f-serve`"):].split("\n\n| flag | default | meaning |\n|---|---|---|\n", 1)[1]
+    rows = [line.split(" | ") for line in table.split("\n\n", 1)[0].splitlines()]
+    parser = build_parser()
+    actions = {o: a for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")}
+    shown = set()
+    for row in rows:
+        flags = [f.split()[0] for f in re.findall(r"`([^`]+)`", row[0].strip("| ")) if f.startswith("-")]
+        shown.update(flags)
+        for flag, default in zip(flags, re.findall(r"`([^`]+)`", row[1])):  # defaults written as `value`
+            assert str(actions[flag].default) == default, (flag, default)
+    assert shown == set(actions)
+
+
 def test_infer_function_answers_each_image_of_mixed_requests(demo):
     """The function Triton calls, without Triton: images grouped by task, each bad image answered on its own."""
     from m2f_deploy.serve.server import InferFunction
