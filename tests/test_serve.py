@@ -795,3 +795,53 @@ def test_client_refuses_a_task_that_is_not_a_name():
 
     with pytest.raises(InputError, match="task must be one of semantic, instance, panoptic, got 3"):
         Client.predict(object.__new__(Client), [b"x"], 3)
+
+
+def test_serve_load_stops_every_server_it_started_when_a_later_one_fails(monkeypatch):
+    """benchmarks/serve_load.py starts one server per queue delay (each in its own session, so not stopped with the
+    benchmark): one that fails to start must not leave those started before it running, a delay given twice starts
+    one server, and a server that ignores SIGTERM is killed. Fakes only: no server is started here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    started, killed = [], []
+
+    class Proc:
+        def __init__(self, flags: tuple[str, ...]):
+            self.flags, self.signals, self.pid = flags, [], 100000 + len(started)
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+
+        def wait(self, timeout: float | None = None) -> int:
+            if "5000" in self.flags and not killed:  # this one ignores SIGTERM
+                raise subprocess.TimeoutExpired("m2f-serve", timeout)
+            return 0
+
+    def start_server(artifact: str, *flags: str):
+        if "1" in flags:  # the server without dynamic batching, started last, fails
+            raise SystemExit(f"m2f-serve {' '.join(flags)} did not start")
+        started.append(Proc(flags))
+        return started[-1], 8000
+
+    class FakeSegmenter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def predict(self, path, task):
+            return [None]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(serve_load, "start_server", start_server)
+    monkeypatch.setattr(serve_load, "Segmenter", FakeSegmenter)
+    monkeypatch.setattr(serve_load.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "x.onnx", "--queue-delays", "0", "0", "5000"])
+    with pytest.raises(SystemExit, match="did not start"):
+        serve_load.main()
+    assert [p.flags[-1] for p in started] == ["0", "5000"]
+    assert all(p.signals == [signal.SIGTERM] for p in started)
+    assert killed == [(started[1].pid, signal.SIGKILL)]
