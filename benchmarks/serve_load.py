@@ -171,12 +171,7 @@ def main() -> int:
 
     segmenter = Segmenter(args.artifact, batch_size=max(args.clients))
     reference = [segmenter.predict(s, args.task)[0] for s in SAMPLES]
-    servers = {
-        f"served, dynamic batching (max batch 8, queue delay {d} us)": start_server(
-            args.artifact, "--max-batch", "8", "--queue-delay-us", str(d)) for d in args.queue_delays
-    }  # fmt: skip
-    servers["served, no dynamic batching (max batch 1)"] = start_server(args.artifact, "--max-batch", "1",
-                                                                         "--queue-delay-us", "0")  # fmt: skip
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
     lock = threading.Lock()
 
     def in_process():
@@ -195,7 +190,12 @@ def main() -> int:
         return factory
 
     results: dict[tuple[str, int], list[dict]] = {}
-    try:
+    try:  # the servers are started inside: one that fails to start stops those started before it (finally)
+        for d in dict.fromkeys(args.queue_delays):  # a delay given twice: one server
+            servers[f"served, dynamic batching (max batch 8, queue delay {d} us)"] = start_server(
+                args.artifact, "--max-batch", "8", "--queue-delay-us", str(d))  # fmt: skip
+        servers["served, no dynamic batching (max batch 1)"] = start_server(args.artifact, "--max-batch", "1",
+                                                                             "--queue-delay-us", "0")  # fmt: skip
         for name, (_, port) in servers.items():  # warm-up: first calls pay for lazy initialisation
             run_load(served(port), 1, 2, reference, args.task)
         run_load(in_process, 1, 2, reference, args.task)
@@ -223,7 +223,11 @@ def main() -> int:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
         for proc, _ in servers.values():
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a server that does not stop: killed with all it started
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
         segmenter.close()
 
     print(f"\n`python benchmarks/serve_load.py {args.artifact} --clients {' '.join(map(str, args.clients))} "

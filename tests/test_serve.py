@@ -277,6 +277,25 @@ def test_serve_defaults():
     assert (args.queue_delay_us, args.exit_timeout_s) == (0, 10)
 
 
+def test_readme_serve_flag_table_matches_the_parser():
+    """Every m2f-serve flag has a row in the README's table, every row is a flag, and each default shown is the
+    parser's (the table had drifted: -q had no row)."""
+    from m2f_deploy.cli.serve import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("**`m2f-serve`"):].split("\n\n| flag | default | meaning |\n|---|---|---|\n", 1)[1]
+    rows = [line.split(" | ") for line in table.split("\n\n", 1)[0].splitlines()]
+    parser = build_parser()
+    actions = {o: a for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")}
+    shown = set()
+    for row in rows:
+        flags = [f.split()[0] for f in re.findall(r"`([^`]+)`", row[0].strip("| ")) if f.startswith("-")]
+        shown.update(flags)
+        for flag, default in zip(flags, re.findall(r"`([^`]+)`", row[1])):  # defaults written as `value`
+            assert str(actions[flag].default) == default, (flag, default)
+    assert shown == set(actions)
+
+
 def test_infer_function_answers_each_image_of_mixed_requests(demo):
     """The function Triton calls, without Triton: images grouped by task, each bad image answered on its own."""
     from m2f_deploy.serve.server import InferFunction
@@ -677,6 +696,47 @@ def test_python_backend_steps_equal_segmenter_predict(demo):
                     assert got["segments_info"] == want[i]["segments_info"]
 
 
+def test_postprocess_thresholds_per_image_and_bad_inputs_named(demo):
+    """The ensemble's post-processing: thresholds per image for instance too, checked for semantic (as
+    Segmenter.predict checks them) though unused; each bad input refused with its name (and image)."""
+    meta = read_onnx_metadata(demo)
+    pre, post = triton_python.Preprocess(meta), triton_python.Postprocess(meta)
+    blobs = np.array([[Path(p).read_bytes()] for p in SAMPLES[:2]], dtype=object)
+
+    def task(*names: str) -> np.ndarray:
+        return np.array([[n.encode()] for n in names], dtype=object)
+
+    def column(*values: float) -> np.ndarray:
+        return np.array(values, np.float32).reshape(-1, 1)
+
+    with Segmenter(demo, batch_size=2) as segmenter:
+        tensors = pre({"image": blobs})
+        base = {**segmenter.infer(tensors["pixel_values"]), **tensors}
+        out = post({**base, "task": task("instance", "instance"), "threshold": column(0.995, 0.5)})
+        want = segmenter.predict(SAMPLES[:1], "instance", threshold=0.995) + segmenter.predict(SAMPLES[1:2], "instance")
+        assert len(want[0]["segments_info"]) < len(segmenter.predict(SAMPLES[0], "instance")[0]["segments_info"])
+        for i in range(2):
+            got = protocol.decode_result("instance", out["segmentation"][i], tensors["original_size"][i],
+                                         out["segments_info"][i, 0].decode())  # fmt: skip
+            assert np.array_equal(got["segmentation"], want[i]["segmentation"])
+            assert got["segments_info"] == want[i]["segments_info"]
+        with pytest.raises(InputError) as e:
+            segmenter.predict(SAMPLES[0], "semantic", threshold=1.5)
+        assert "threshold" in str(e.value)
+        refusals = {
+            r"task: one task per request, got \['instance', 'panoptic'\]": {"task": task("panoptic", "instance")},
+            r"threshold: one value per image \(2\), got 1": {"task": task("panoptic", "panoptic"),
+                                                                "threshold": column(0.5)},
+            r"image 1: mask_threshold must be a number in \[0, 1\], got -0.5": {
+                "task": task("instance", "instance"), "mask_threshold": column(0.5, -0.5)},
+            r"image 0: threshold must be a number in \[0, 1\], got 1.5": {"task": task("semantic", "semantic"),
+                                                                            "threshold": column(1.5, 0.5)},
+        }  # fmt: skip
+        for message, arrays in refusals.items():
+            with pytest.raises(InputError, match=f"^{message}$"):
+                post({**base, **arrays})
+
+
 def test_generated_model_py_answers_each_request(demo, tmp_path, monkeypatch):
     """The model.py the repository holds, run against a stand-in of Triton's ``triton_python_backend_utils``."""
     import types
@@ -735,3 +795,53 @@ def test_client_refuses_a_task_that_is_not_a_name():
 
     with pytest.raises(InputError, match="task must be one of semantic, instance, panoptic, got 3"):
         Client.predict(object.__new__(Client), [b"x"], 3)
+
+
+def test_serve_load_stops_every_server_it_started_when_a_later_one_fails(monkeypatch):
+    """benchmarks/serve_load.py starts one server per queue delay (each in its own session, so not stopped with the
+    benchmark): one that fails to start must not leave those started before it running, a delay given twice starts
+    one server, and a server that ignores SIGTERM is killed. Fakes only: no server is started here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    started, killed = [], []
+
+    class Proc:
+        def __init__(self, flags: tuple[str, ...]):
+            self.flags, self.signals, self.pid = flags, [], 100000 + len(started)
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+
+        def wait(self, timeout: float | None = None) -> int:
+            if "5000" in self.flags and not killed:  # this one ignores SIGTERM
+                raise subprocess.TimeoutExpired("m2f-serve", timeout)
+            return 0
+
+    def start_server(artifact: str, *flags: str):
+        if "1" in flags:  # the server without dynamic batching, started last, fails
+            raise SystemExit(f"m2f-serve {' '.join(flags)} did not start")
+        started.append(Proc(flags))
+        return started[-1], 8000
+
+    class FakeSegmenter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def predict(self, path, task):
+            return [None]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(serve_load, "start_server", start_server)
+    monkeypatch.setattr(serve_load, "Segmenter", FakeSegmenter)
+    monkeypatch.setattr(serve_load.os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "x.onnx", "--queue-delays", "0", "0", "5000"])
+    with pytest.raises(SystemExit, match="did not start"):
+        serve_load.main()
+    assert [p.flags[-1] for p in started] == ["0", "5000"]
+    assert all(p.signals == [signal.SIGTERM] for p in started)
+    assert killed == [(started[1].pid, signal.SIGKILL)]

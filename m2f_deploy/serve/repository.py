@@ -543,8 +543,9 @@ def readme(artifact: Path, io: ArtifactIO, options: RepoOptions, mb: int, ensemb
     image = "nvcr.io/nvidia/tritonserver:<yy.mm>-py3"
     what = (
         f"- `{ENSEMBLE}` (ensemble): send `image` (BYTES [1]: an encoded PNG/JPEG file) and `task` (BYTES [1]: "
-        "`semantic`, `instance` or `panoptic`); get `segmentation` (INT64 [H, W], the image's own size; label ids "
-        "for semantic, segment ids otherwise, -1 where none) and `segments_info` (BYTES [1], the JSON segment list of "
+        "`semantic`, `instance` or `panoptic`, the same for every image of a request); get `segmentation` (INT64 "
+        "[H, W], the image's own size; label ids for semantic, segment ids otherwise, -1 where none) and "
+        "`segments_info` (BYTES [1], the JSON segment list of "
         "`Segmenter.predict`, `[]` for semantic) and `original_size` (INT64 [2]: height, width). Optional FP32 [1] "
         "inputs `threshold`, `mask_threshold`, `overlap_mask_area_threshold` (numbers in [0, 1]) set the "
         "post-processing's thresholds per image; left out, transformers' defaults (0.5, 0.5, 0.8). Images of one request are padded to the largest: cut each map to its `original_size`.\n"

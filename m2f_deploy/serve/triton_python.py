@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from m2f_deploy.artifact import INPUT_NAME, OUTPUT_NAMES
+from m2f_deploy.errors import InputError
 from m2f_deploy.processing import ImageProcessor
 from m2f_deploy.serve import protocol
 
@@ -78,7 +79,7 @@ class Postprocess:
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks = {protocol.as_text(t) for t in np.asarray(arrays["task"], dtype=object).reshape(-1)}
         if len(tasks) != 1:
-            raise ValueError(f"one task per request, got {sorted(tasks)}")
+            raise InputError(f"task: one task per request, got {sorted(tasks)}")
         task = protocol.check_task(tasks.pop())
         sizes = [tuple(int(v) for v in s) for s in np.asarray(arrays["original_size"]).reshape(-1, 2)]
         count = len(sizes)
@@ -87,13 +88,16 @@ class Postprocess:
             given = arrays.get(key)
             column = np.full(count, protocol.DEFAULTS[key]) if given is None else np.asarray(given, np.float64).reshape(-1)
             if column.shape != (count,):
-                raise ValueError(f"{key}: one value per image ({count}), got {column.size}")
+                raise InputError(f"{key}: one value per image ({count}), got {column.size}")
             values[key] = column
         post = getattr(self.processor, f"post_process_{task}_segmentation")
         pixel_mask = np.asarray(arrays["pixel_mask"])
         results = []
         for i in range(count):  # per image: each may carry its own thresholds (the post-process is per image anyway)
-            thresholds = protocol.check_thresholds({k: float(v[i]) for k, v in values.items()})
+            try:  # which image's value is wrong, as Preprocess names the bad image
+                thresholds = protocol.check_thresholds({k: float(v[i]) for k, v in values.items()})
+            except InputError as e:
+                raise InputError(f"image {i}: {e}") from None
             if task == "semantic":
                 thresholds = {}  # transformers' semantic post-process takes none
             outputs = {name: np.asarray(arrays[name])[i : i + 1] for name in OUTPUT_NAMES}
