@@ -84,9 +84,9 @@ def test_instance_annotations_are_numbered_across_images(files, tmp_path):
 
 
 def test_semantic_pngs_are_16_bit_past_256_labels(tmp_path):
-    labels = 300
+    labels = 257  # ids 0..256: 256 does not fit in 8 bits
     cls = np.full((2, labels + 1), -3.0, np.float32)
-    cls[0, 299] = cls[1, 255] = 3.0
+    cls[0, 256] = cls[1, 255] = 3.0
     weight = np.zeros((2, 3, 4, 4), np.float32)
     weight[1] = 1.0 / 16  # query 1 wins where the image is bright
     artifact = write_graph(tmp_path / "big.onnx", dynamic_hw=False, class_logits=cls, preprocessing=PRE,
@@ -97,9 +97,9 @@ def test_semantic_pngs_are_16_bit_past_256_labels(tmp_path):
     Image.fromarray(image).save(tmp_path / "half.png")
     assert _main(artifact, [tmp_path / "half.png"], tmp_path / "out", "--task", "semantic", "--no-overlay") == 0
     png = Image.open(tmp_path / "out" / "semantic" / "half.png")
-    assert png.mode.startswith("I")  # 16-bit grey: label 299 is kept
-    assert set(np.unique(np.asarray(png))) == {255, 299}
-    assert not (tmp_path / "out" / "semantic.json").exists() and sorted(os.listdir(tmp_path / "out")) == ["semantic"]
+    assert png.mode.startswith("I")  # 16-bit grey: label 256 is kept
+    assert set(np.unique(np.asarray(png))) == {255, 256}
+    assert sorted(os.listdir(tmp_path / "out")) == ["semantic"]  # no JSON for semantic, no overlays asked
     assert _main(artifact, [tmp_path / "half.png"], tmp_path / "o8", "--task", "semantic") == 0
     assert (tmp_path / "o8" / "overlays" / "half.png").is_file()
 
@@ -108,6 +108,23 @@ def test_semantic_pngs_are_8_bit_up_to_256_labels(files, tmp_path):
     artifact, images = files
     assert _main(artifact, [images / "im0.png"], tmp_path, "--task", "semantic") == 0
     assert Image.open(tmp_path / "semantic" / "im0.png").mode == "L"
+
+
+def test_help_and_three_inputs_with_one_stem(files, tmp_path, capsys):
+    artifact, images = files
+    with pytest.raises(SystemExit):
+        predict_cli.main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: m2f-predict ")
+    for flag in ("--task {semantic,instance,panoptic}", "--fuse IDS", "--max-pixels N"):  # as the README's table
+        assert flag in usage, flag
+    inputs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        inputs.append(tmp_path / name / "x.png")
+        inputs[-1].write_bytes((images / "im0.png").read_bytes())
+    assert _main(artifact, inputs, tmp_path / "out", "--no-overlay") == 0
+    assert sorted(os.listdir(tmp_path / "out" / "panoptic")) == ["x-1.png", "x-2.png", "x.png"]
 
 
 BAD = [
