@@ -106,7 +106,7 @@ def test_semantic_pngs_are_16_bit_past_256_labels(tmp_path):
 
 def test_semantic_pngs_are_8_bit_up_to_256_labels(files, tmp_path):
     artifact, images = files
-    assert _main(artifact, [images / "im0.png"], tmp_path, "--task", "semantic") == 0
+    assert _main(artifact, [images / "im0.png"], tmp_path, "--task", "semantic", "--batch", "1") == 0
     assert Image.open(tmp_path / "semantic" / "im0.png").mode == "L"
 
 
@@ -116,7 +116,8 @@ def test_help_and_three_inputs_with_one_stem(files, tmp_path, capsys):
         predict_cli.main(["--help"])
     usage = capsys.readouterr().out
     assert usage.startswith("usage: m2f-predict ")
-    for flag in ("--task {semantic,instance,panoptic}", "--fuse IDS", "--max-pixels N"):  # as the README's table
+    for flag in ("--task {semantic,instance,panoptic}", "--fuse IDS", "--max-pixels N",
+                 "--backend {auto,tensorrt,ort-tensorrt,cuda,cpu}"):  # as the README's table
         assert flag in usage, flag
     inputs = []
     for name in ("a", "b", "c"):
@@ -130,12 +131,12 @@ def test_help_and_three_inputs_with_one_stem(files, tmp_path, capsys):
 BAD = [
     (["--batch", "0"], "--batch must be at least 1, got 0"),
     (["--max-pixels", "-1"], "--max-pixels must be 0 (no limit) or more, got -1"),
-    (["--threshold", "1.5"], "--threshold"),
-    (["--mask-threshold", "-0.5"], "--mask-threshold"),
-    (["--overlap-threshold", "2"], "--overlap-threshold"),
+    (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),
+    (["--mask-threshold", "-0.5"], "--mask-threshold must be in [0, 1], got -0.5"),
+    (["--overlap-threshold", "2"], "--overlap-threshold must be in [0, 1], got 2.0"),
     (["--fuse", "0,7"], "--fuse 0,7: '7' is not a label id of this model (0..1)"),
     (["--fuse", "-1"], "--fuse -1: '-1' is not a label id of this model (0..1)"),
-    (["--fuse", "x"], "--fuse x: 'x' is not a label id of this model (0..1)"),
+    (["--fuse", "X1"], "--fuse X1: 'X1' is not a label id of this model (0..1)"),
 ]
 
 
@@ -144,9 +145,7 @@ def test_bad_flag_is_one_clear_error_and_nothing_is_written(files, tmp_path, fla
     artifact, images = files
     with pytest.raises(InputError) as e:
         _main(artifact, [images], tmp_path / "out", *flags)
-    assert message in str(e.value)
-    if flags[0] == "--threshold":
-        assert "--mask-threshold" not in str(e.value)
+    assert str(e.value) == message
     assert not (tmp_path / "out").exists()
 
 
@@ -325,3 +324,88 @@ def test_fused_head_artifact(files, fused, tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "Segmenter", lambda *a, **kw: made.append(Segmenter(*a, **kw)) or made[-1])
     assert _main(artifact, [images / "im2.png"], tmp_path / "plain") == 0  # a logits graph: panoptic by default
     assert (tmp_path / "plain" / "panoptic.json").is_file() and made[0].head is None
+
+
+def test_progress_and_the_timing_summary_without_quiet(files, tmp_path, monkeypatch, capsys):
+    """Without -q: the progress counter and the per-image times, averaged over the images that worked."""
+    artifact, images = files
+    real = Segmenter.predict
+
+    def predict(self, items, task="panoptic", *, timings, **kwargs):  # known times: 10 ms / 30 ms per image
+        results = real(self, items, task, **kwargs)
+        for key, ms in (("preprocess", 10), ("inference", 30)):
+            timings[key] = timings.get(key, 0.0) + ms / 1000 * len(items)
+        return results
+
+    monkeypatch.setattr(Segmenter, "predict", predict)
+    (tmp_path / "notes.png").write_text("not an image\n")
+    argv = [str(artifact), str(images), str(tmp_path / "notes.png"), "-o", str(tmp_path / "out")]
+    assert run("m2f-predict", predict_cli.main, argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.endswith(" images")] == [f"{n}/4 images" for n in (1, 2, 3, 4)]
+    summary = [line for line in err if "per image" in line]
+    assert summary == ["3 image(s) in 0.12 s: per image (ms) preprocess 10.0, inference 30.0"], err
+
+
+def test_out_is_probed_where_it_would_be_created(files, tmp_path, monkeypatch):
+    """The nearest existing folder takes a probe file, removed at once; one that refuses data is one clear error."""
+    import tempfile
+
+    artifact, images = files
+    real, probed = tempfile.mkstemp, []
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: probed.append(kw["dir"]) or real(**kw))
+    assert _main(artifact, [images / "im0.png"], tmp_path / "new" / "out", "--no-overlay") == 0
+    assert probed[0] == tmp_path and sorted(os.listdir(tmp_path)) == ["new"]  # then the PNGs' atomic writes
+    full = OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(full))
+    with pytest.raises(OutputError) as e:
+        _main(artifact, [images / "im0.png"], tmp_path / "full")
+    assert str(e.value) == f"--out {tmp_path / 'full'}: cannot write in {tmp_path} (No space left on device)"
+    assert sorted(os.listdir(tmp_path)) == ["new"]  # the probe removed, nothing created
+
+
+def test_lock_file_mode_unknown_holder_and_a_removed_file(tmp_path, monkeypatch):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = os.umask(0o022)
+    try:
+        lock = predict_cli.OutLock(out)
+    finally:
+        os.umask(old)
+    assert (out / ".m2f-predict.lock").stat().st_mode & 0o777 == 0o644
+    (out / ".m2f-predict.lock").unlink()  # removed by hand while held: releasing still works
+    lock.release()
+    fd = os.open(out / ".m2f-predict.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held by a process that wrote no pid
+    try:
+        with pytest.raises(OutputError, match=r"another m2f-predict \(pid \?\) is writing there"):
+            predict_cli.OutLock(out)
+    finally:
+        os.close(fd)
+    # a finishing run removes the file between our open and our flock: the lock must end on the file there now
+    first = predict_cli.OutLock(out)
+    real_open, opened = os.open, []
+
+    def open_then_finish(path, *args):
+        fd = real_open(path, *args)
+        opened.append(fd)
+        if len(opened) == 1:
+            first.release()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_finish)
+    old = os.umask(0o022)
+    try:
+        second = predict_cli.OutLock(out)
+    finally:
+        os.umask(old)
+        monkeypatch.undo()
+    assert len(opened) == 2 and os.fstat(second.fd).st_ino == (out / ".m2f-predict.lock").stat().st_ino
+    assert (out / ".m2f-predict.lock").read_text() == f"{os.getpid()}\n"
+    assert (out / ".m2f-predict.lock").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(OutputError, match="another m2f-predict"):
+        predict_cli.OutLock(out)
+    second.release()
+    assert not (out / ".m2f-predict.lock").exists()
