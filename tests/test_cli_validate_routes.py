@@ -182,3 +182,57 @@ def test_checkpoint_with_other_classes_is_one_clear_error(graphs, tmp_path, monk
     monkeypatch.setattr(m2f_deploy, "load_model", lambda path: Checkpoint({0: "a", 1: "b"}))
     with pytest.raises(InputError, match=r"checkpoint: the model has 2 classes, the dataset .* has 7"):
         main([str(checkpoint), "--data", str(root / "data"), "-q"])
+
+
+def test_uint8_input_artifact_gives_the_float_artifacts_numbers(graphs, tmp_path):
+    """A graph exported with --input uint8 takes the image's bytes and their mask: the same predictions."""
+    from m2f_deploy.export.uint8_input import uint8_onnx
+
+    root, raw, _ = graphs
+    u8 = uint8_onnx(raw, tmp_path / "u8.onnx", validate=False)
+    report = _validate(u8, root / "data", tmp_path / "u8.json")
+    expected = _validate(raw, root / "data", tmp_path / "f.json")
+    assert expected["PQ"] > 0
+    _same(report, {k: v for k, v in expected.items() if k not in ("model", "data")})
+
+
+def test_instance_threshold_reaches_the_post_processing(graphs, tmp_path, monkeypatch):
+    root, raw, _ = graphs
+    seen = []
+    real = ImageProcessor.post_process_instance_segmentation
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("threshold"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageProcessor, "post_process_instance_segmentation", recording)
+    _validate(raw, root / "data", tmp_path / "r.json", "--task", "instance", "--threshold", "0.7")
+    assert seen == [0.7, 0.7]
+
+
+def test_empty_dataset_is_one_clear_error(graphs, tmp_path):
+    root, raw, _ = graphs
+    import shutil
+
+    shutil.copytree(root / "data", tmp_path / "empty")
+    for name in ("panoptic.json", "instances.json"):  # every image taken out of the lists
+        data = json.loads((tmp_path / "empty" / name).read_text())
+        (tmp_path / "empty" / name).write_text(json.dumps({**data, "images": [], "annotations": []}))
+    with pytest.raises(InputError) as e:
+        main([str(raw), "--data", str(tmp_path / "empty"), "-q"])
+    assert str(e.value) == f"{tmp_path / 'empty'}: the dataset has no images"
+
+
+def test_the_source_checkpoint_of_an_engine_is_read_from_its_sidecar(graphs, tmp_path):
+    from m2f_deploy.artifact import engine_sidecar_path, read_onnx_metadata
+    from m2f_deploy.cli.validate import _metadata_source
+
+    _, raw, _ = graphs
+    meta = read_onnx_metadata(raw)
+    meta["source"] = {"checkpoint": "/somewhere/ckpt"}
+    meta["tensorrt"] = {"version": "10.3", "gpu": "H100", "compute_capability": "9.0", "profile": {}}
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    engine_sidecar_path(engine).write_text(json.dumps(meta))
+    assert _metadata_source(engine) == {"checkpoint": "/somewhere/ckpt"}
+    assert _metadata_source(raw) == {}  # write_graph records an empty source
