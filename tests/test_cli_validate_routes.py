@@ -34,6 +34,7 @@ HEADS = ("panoptic", "semantic", "instance")
 def graphs(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate-routes")
     write_dataset(root / "data", 2, seed=4, size=(64, 64))  # the canvas: fused maps equal the raw ones
+    write_dataset(root / "data80", 2, seed=4, size=(64, 80))  # not the canvas: cut and resized back
     raw = write_graph(root / "raw.onnx", dynamic_hw=False, class_logits=CLS, preprocessing=PRE, conv_weight=W,
                       conv_bias=B, id2label=LABELS)  # fmt: skip
     onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(raw))), str(raw))  # static mask size, for the heads
@@ -81,6 +82,8 @@ def test_fused_head_metrics_equal_the_evaluation_run_directly(graphs, head, tmp_
     root, _, fused = graphs
     report = _validate(fused[head], root / "data", tmp_path / "r.json", "--backend", "cpu")
     _same(report, _direct(fused[head], root / "data", head))
+    if head != "instance":  # at the images' own size (64 x 80), as the Segmenter cuts them back
+        _same(_validate(fused[head], root / "data80", tmp_path / "r80.json"), _direct(fused[head], root / "data80", head))
     assert report["model"]["fused_head"] == head and report["images"] == 2
     others = {"panoptic": {"PQ", "SQ_stuff"}, "semantic": {"mIoU", "per_class_IoU"}, "instance": {"AP", "AP75"}}
     for task, keys in others.items():  # --task all: only the head's metrics (the graph gives nothing else)
@@ -236,3 +239,28 @@ def test_the_source_checkpoint_of_an_engine_is_read_from_its_sidecar(graphs, tmp
     engine_sidecar_path(engine).write_text(json.dumps(meta))
     assert _metadata_source(engine) == {"checkpoint": "/somewhere/ckpt"}
     assert _metadata_source(raw) == {}  # write_graph records an empty source
+
+
+def test_agreement_segment_counts_summed_over_images(graphs, tmp_path, monkeypatch):
+    """A reference that disagrees on some segments: the matched and total counts are each summed over the images."""
+    from test_flags_validate_bench import CLS as SAME
+
+    root, raw, _ = graphs
+    other = SAME.copy()
+    other[0, 0], other[0, 1] = -3.0, 3.0  # one sky query says "ground"
+    twin = write_graph(tmp_path / "twin.onnx", dynamic_hw=False, class_logits=other, preprocessing=PRE, conv_weight=W,
+                       conv_bias=B, id2label=LABELS)  # the reference's arithmetic as a graph  # fmt: skip
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "config.json").write_text("{}")
+    monkeypatch.setattr(m2f_deploy, "load_model", lambda path: Standin(other))
+    per_image = []
+    with Segmenter(raw, "cpu") as seg, Segmenter(twin, "cpu") as reference:
+        for r in load_dataset(root / "data80"):
+            image = r.image()
+            per_image.append(matched_segments([reference.predict(image, "panoptic", label_ids_to_fuse=STUFF)[0]],
+                                              [seg.predict(image, "panoptic", label_ids_to_fuse=STUFF)[0]]))  # fmt: skip
+    assert per_image[0][0] < per_image[0][1]  # the first image already has a segment unmatched
+    report = _validate(raw, root / "data80", tmp_path / "r.json", "--reference", str(ref))
+    assert report["agreement"]["panoptic_segments_matched"] == [sum(m for m, _ in per_image), sum(n for _, n in per_image)]
+    assert report["agreement"]["panoptic_segments_matched"][0] < report["agreement"]["panoptic_segments_matched"][1]
