@@ -79,6 +79,7 @@ def test_instance_annotations_are_numbered_across_images(files, tmp_path):
                                                                                  {0: "a", 1: "b"})))  # fmt: skip
     assert len(expected) > 3 and data["annotations"] == json.loads(json.dumps(expected))
     assert [a["id"] for a in data["annotations"]] == list(range(1, len(expected) + 1))
+    assert [(i["id"], i["file_name"]) for i in data["images"]] == [(n + 1, str(p)) for n, p in enumerate(paths)]
     assert data["info"]["description"] == f"m2f-predict results of {artifact}"
     assert not (tmp_path / "panoptic.json").exists() and not (tmp_path / "panoptic").exists()
 
@@ -224,19 +225,21 @@ def test_a_failing_batch_is_retried_image_by_image(files, tmp_path, monkeypatch,
     real = Segmenter.predict
     calls = []
 
-    def predict(self, items, task="panoptic", **kwargs):
+    def predict(self, items, task="panoptic", *, timings, **kwargs):
         calls.append(len(items))
         if any(i.width == 90 for i in items):  # im1 fails in the runtime (it loads fine)
             raise M2FError("im1 is refused")
+        timings["inference"] = timings.get("inference", 0.0) + 0.03 * len(items)  # known: 30 ms per image
         return real(self, items, task, **kwargs)
 
     monkeypatch.setattr(Segmenter, "predict", predict)
     out = tmp_path / "out"
-    argv = [str(artifact), str(images), "-o", str(out), "-q", "--batch", "2"]
+    argv = [str(artifact), str(images), "-o", str(out), "--batch", "2"]
     assert run("m2f-predict", predict_cli.main, argv) == 1
     assert calls == [2, 1, 1, 1]  # [im0, im1] fails, then each alone; then im2
-    assert capsys.readouterr().err.splitlines() == ["m2f-predict: 1 of 3 image(s) failed:",
-                                                    f"  {images / 'im1.png'}: im1 is refused"]  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == ["m2f-predict: 1 of 3 image(s) failed:", f"  {images / 'im1.png'}: im1 is refused"]
+    assert "2 image(s) in 0.06 s: per image (ms) inference 30.0" in err  # the retried image's time counted too
     data = json.loads((out / "panoptic.json").read_text())
     assert [i["file_name"] for i in data["images"]] == [str(images / "im0.png"), str(images / "im2.png")]
     assert [(i["width"], i["height"]) for i in data["images"]] == [(100, 80), (64, 96)]
