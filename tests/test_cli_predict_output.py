@@ -334,9 +334,9 @@ def test_progress_and_the_timing_summary_without_quiet(files, tmp_path, monkeypa
     artifact, images = files
     real = Segmenter.predict
 
-    def predict(self, items, task="panoptic", *, timings, **kwargs):  # known times: 10 ms / 30 ms per image
+    def predict(self, items, task="panoptic", *, timings, **kwargs):  # known times: 100 ms / 30 ms per image
         results = real(self, items, task, **kwargs)
-        for key, ms in (("preprocess", 10), ("inference", 30)):
+        for key, ms in (("preprocess", 100), ("inference", 30)):
             timings[key] = timings.get(key, 0.0) + ms / 1000 * len(items)
         return results
 
@@ -347,7 +347,7 @@ def test_progress_and_the_timing_summary_without_quiet(files, tmp_path, monkeypa
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if line.endswith(" images")] == [f"{n}/4 images" for n in (1, 2, 3, 4)]
     summary = [line for line in err if "per image" in line]
-    assert summary == ["3 image(s) in 0.12 s: per image (ms) preprocess 10.0, inference 30.0"], err
+    assert summary == ["3 image(s) in 0.39 s: per image (ms) preprocess 100.0, inference 30.0"], err
 
 
 def test_out_is_probed_where_it_would_be_created(files, tmp_path, monkeypatch):
