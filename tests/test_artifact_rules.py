@@ -161,7 +161,7 @@ WRONG_TYPES = [  # (edit, what the one error says after "m.onnx: 'm2f_deploy' me
 ]
 
 
-@pytest.mark.parametrize(("edit", "message"), WRONG_TYPES, ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize(("edit", "message"), WRONG_TYPES, ids=[f"{next(iter(e))}-{i}" for i, (e, _) in enumerate(WRONG_TYPES)])
 def test_each_wrong_type_or_value_is_one_error_naming_the_key(edit, message):
     with pytest.raises(InputError) as e:
         parse_metadata(_edited(**edit), "m.onnx")
