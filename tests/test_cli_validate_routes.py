@@ -174,7 +174,7 @@ def test_checkpoint_route(graphs, tmp_path, monkeypatch, capsys):
     (checkpoint / "preprocessor_config.json").unlink()  # none: the processor's defaults (a larger canvas)
     models.clear()
     _validate(checkpoint, root / "data", tmp_path / "r.json", "--task", "semantic")
-    default = ImageProcessor().preprocess(load_dataset(root / "data").__iter__().__next__().image())
+    default = ImageProcessor().preprocess(next(iter(load_dataset(root / "data"))).image())
     assert models[0][1].shapes[0] == default["pixel_values"].shape != (1, 3, 64, 64)
 
 
