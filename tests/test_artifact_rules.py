@@ -110,6 +110,71 @@ def test_all_missing_keys_are_listed():
     assert str(e.value) == f"m.onnx: 'm2f_deploy' metadata lacks {', '.join(missing)}"
 
 
+def _edited(**changes):
+    """EXPECTED with top-level keys replaced; ``input_<key>`` replaces (or, with ``...``, drops) an input key."""
+    meta = copy.deepcopy(EXPECTED)
+    for key, value in changes.items():
+        target, key = (meta["input"], key[6:]) if key.startswith("input_") else (meta, key)
+        if value is ...:
+            del target[key]
+        else:
+            target[key] = value
+    return json.dumps(meta)
+
+
+LONG = "x" * 100
+WRONG_TYPES = [  # (edit, what the one error says after "m.onnx: 'm2f_deploy' metadata: ")
+    (dict(format_version="1"), 'format_version must be an integer, got "1"'),
+    (dict(format_version=True), "format_version must be an integer, got true"),  # a JSON bool is not a number here
+    (dict(num_queries=7.0), "num_queries must be an integer, got 7.0"),
+    (dict(id2label=["cat"]), 'id2label must be an object, got ["cat"]'),
+    (dict(preprocessing=None), "preprocessing must be an object, got null"),
+    (dict(input=[]), "input must be an object, got []"),
+    (dict(outputs="logits"), 'outputs must be a list, got "logits"'),
+    (dict(msda=1), "msda must be a string, got 1"),
+    (dict(precision=["fp16"]), 'precision must be a string, got ["fp16"]'),
+    (dict(fused_heads="semantic"), 'fused_heads must be a list, got "semantic"'),
+    (dict(fused_heads=["semantic", "depth"]), 'fused_heads lists "depth"; expected semantic, instance or panoptic'),
+    (dict(fused_heads=[LONG]), f"fused_heads lists {json.dumps(LONG)[:60]}; expected semantic, instance or panoptic"),
+    (dict(num_queries=[LONG]), f"num_queries must be an integer, got {json.dumps([LONG])[:60]}"),
+    (dict(input_batch=...), "input lacks batch"),
+    (dict(input_dynamic_hw=...), "input lacks dynamic_hw"),
+    (dict(input_batch=2.0), "input.batch must be an integer, got 2.0"),
+    (dict(input_width=False), "input.width must be an integer, got false"),
+    (dict(input_dynamic_batch=1), "input.dynamic_batch must be true or false, got 1"),
+    (dict(input_dynamic_hw="no"), 'input.dynamic_hw must be true or false, got "no"'),
+    (dict(input_batch=0), "input.batch must be at least 1, got 0"),
+    (dict(input_height=-64), "input.height must be at least 1, got -64"),
+    (dict(input_width=0), "input.width must be at least 1, got 0"),
+    (dict(input_hw_multiple="32"), 'input.hw_multiple must be an integer, got "32"'),
+    (dict(input_hw_multiple=0), "input.hw_multiple must be at least 1, got 0"),
+    (dict(id2label={"0": "cat", "x": "dog"}), "id2label key 'x' is not a class id (0, 1, ...)"),
+    (dict(id2label={"0": "cat", "01": "dog"}), "id2label key '01' is not a class id (0, 1, ...)"),
+    (dict(id2label={"0": "cat", "\u0661": "dog"}), "id2label key '\u0661' is not a class id (0, 1, ...)"),  # Arabic 1
+    (dict(id2label={"0": "cat", "-1": "dog"}), "id2label key '-1' is not a class id (0, 1, ...)"),
+    (dict(id2label={"0": "cat", "1": 5}), "id2label[1] must be a string, got 5"),
+    (dict(id2label={"0": [LONG]}), f"id2label[0] must be a string, got {json.dumps([LONG])[:60]}"),
+    (dict(id2label={}), "id2label is empty"),
+    (dict(id2label={"0": "a", "2": "b", "5": "c"}), "id2label must name classes 0..2; it lacks [1, 3, 4]"),
+    (dict(id2label={"0": "a", "9": "b"}), "id2label must name classes 0..1; it lacks [1, 2, 3, 4, 5]"),
+    (dict(id2label={"1": "a"}), "id2label must name classes 0..0; it lacks [0]"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), WRONG_TYPES, ids=[f"{next(iter(e))}-{i}" for i, (e, _) in enumerate(WRONG_TYPES)])
+def test_each_wrong_type_or_value_is_one_error_naming_the_key(edit, message):
+    with pytest.raises(InputError) as e:
+        parse_metadata(_edited(**edit), "m.onnx")
+    assert str(e.value) == f"m.onnx: 'm2f_deploy' metadata: {message}"
+
+
+def test_what_the_type_rules_accept():
+    meta = parse_metadata(_edited(msda="x" * 100, input_hw_multiple=1, fused_heads=["panoptic"]), "m.onnx")
+    assert meta["input"]["hw_multiple"] == 1 and meta["fused_heads"] == ["panoptic"]
+    meta = parse_metadata(_edited(input_hw_multiple=..., input_batch=1), "m.onnx")  # hw_multiple is optional
+    assert "hw_multiple" not in meta["input"] and meta["input"]["batch"] == 1
+
+
 def test_a_newer_format_version_is_refused_an_equal_or_older_one_read():
     with pytest.raises(InputError) as e:
         parse_metadata(json.dumps({**EXPECTED, "format_version": 2}), "m.onnx")
