@@ -59,9 +59,12 @@ def start_server(artifact: str, *flags: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "m2f_deploy.cli.serve", artifact, "--port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )  # fmt: skip
+    # m2f-serve's own lines come on stdout, Triton's log on stderr: one pipe each, or their chunks could interleave
+    # within a line
     log = LOGS.setdefault(proc.pid, [])
+    threading.Thread(target=lambda: [log.append(x) for x in proc.stderr], daemon=True).start()  # never let it fill
     deadline = threading.Timer(START_TIMEOUT_S, lambda: os.killpg(proc.pid, signal.SIGKILL))  # a start that hangs
     deadline.start()
     try:

@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ).check()  # fmt: skip
     from m2f_deploy.serve.server import serve
 
-    serve(args.artifact, options, ready=lambda message: print(message, flush=True))
-    print("m2f-serve: stopped", flush=True)
+    out = sys.stdout  # Triton's log goes to stderr while it runs (serve's docstring): our lines stay on stdout
+    serve(args.artifact, options, ready=lambda message: print(message, file=out, flush=True))
+    print("m2f-serve: stopped", file=out, flush=True)
     return 0
 
 

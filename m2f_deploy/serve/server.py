@@ -8,10 +8,12 @@ no server of our own. The tensors are described in :mod:`m2f_deploy.serve.protoc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
+import sys
 import sysconfig
 import threading
 from collections.abc import Callable
@@ -201,7 +203,12 @@ def serve(
     ready: Callable[[str], None] | None = None,
     stop_event: threading.Event | None = None,
 ) -> None:
-    """Serve ``artifact`` until SIGINT / SIGTERM (or ``stop_event``); ``ready(message)`` once Triton is ready."""
+    """Serve ``artifact`` until SIGINT / SIGTERM (or ``stop_event``); ``ready(message)`` once Triton is ready.
+
+    Triton's log, which PyTriton prints from a thread of its own in chunks that are not whole lines, goes to stderr
+    while the server runs, so that a caller's own lines on stdout (``m2f-serve``'s "serving ...") are never cut
+    into by it (``ready`` is called inside: print to a stdout saved before).
+    """
     from m2f_deploy.runtime import Segmenter
 
     options.check()
@@ -228,7 +235,7 @@ def serve(
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             try:
-                with Triton(config=config) as triton:
+                with contextlib.redirect_stdout(sys.stderr), Triton(config=config) as triton:
                     triton.bind(
                         model_name=options.model_name,
                         infer_func=[InferFunction(s, options.tasks) for s in segmenters],
