@@ -6,6 +6,7 @@ The artifact is test_flags_validate_bench's hand-written graph (fast; the metric
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -123,6 +124,17 @@ def test_bad_input_is_one_clear_error(files, tmp_path):
     two = write_graph(tmp_path / "two.onnx", dynamic_hw=False, class_logits=np.zeros((2, 3)), preprocessing=PRE,
                       conv_weight=W[:2], conv_bias=B[:2], id2label={0: "a", 1: "b"})  # fmt: skip
     cases.append(([str(two), "--data", data], f"has 2 classes, the dataset {data} has 7: it was not trained for this data"))
+    # as many classes as the model, under other ids (COCO-style ids from 1, say): every prediction would be misread
+    shifted = tmp_path / "shifted"
+    shutil.copytree(root / "data", shifted)
+    annotations = json.loads((shifted / "panoptic.json").read_text())
+    for c in annotations["categories"]:
+        c["id"] += 10
+    for a in annotations["annotations"]:
+        for segment in a["segments_info"]:
+            segment["category_id"] += 10
+    (shifted / "panoptic.json").write_text(json.dumps(annotations))
+    cases.append(([str(artifact), "--data", str(shifted)], "the model's class ids are not the dataset's"))
     cases.append(([str(artifact), "--data", data, "--backend", "nope"], "nope"))  # --backend reaches the Segmenter
     (tmp_path / "m.engine").write_bytes(b"not an engine")  # an artifact by its suffix: read as one, not "neither"
     cases.append(([str(tmp_path / "m.engine"), "--data", data], "m.engine: "))

@@ -138,7 +138,13 @@ def evaluate(args: Any) -> dict[str, Any]:
             f"{args.model}: the model has {len(model_labels)} classes, the dataset {args.data} has {len(labels)}: "
             "it was not trained for this data"
         )
-    renamed = {k: (model_labels[k], v) for k, v in labels.items() if model_labels.get(k, "").lower() != v.lower()}
+    if set(model_labels) != set(labels):  # as many classes under other ids: every prediction would be misread
+        only_model, only_data = sorted(set(model_labels) - set(labels)), sorted(set(labels) - set(model_labels))
+        raise InputError(
+            f"{args.model}: the model's class ids are not the dataset's ({args.data}): ids {only_model[:8]} only in "
+            f"the model, {only_data[:8]} only in the dataset: it was not trained for this data"
+        )
+    renamed = {k: (model_labels[k], v) for k, v in labels.items() if model_labels[k].lower() != v.lower()}
     if renamed:
         log.warning("class names differ between the model and the dataset (compared by id): %s", renamed)
     tasks = TASKS if args.task == "all" else (args.task,)
