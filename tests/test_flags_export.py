@@ -524,8 +524,8 @@ def test_triton_flags_reach_the_repository(repo, checkpoint, graph, capsys):
     assert repo.only("repo") == {"artifact": "E", "out": Path("r2"),
                                  "options": RepoOptions(instances=3, device="cpu", max_batch=5)}  # fmt: skip
     repo.clear()
-    assert main([str(graph), "--triton-repo", "r3"]) == 0  # an .onnx put in a repository: no engine unless asked
-    assert [what for what, _ in repo] == ["repo"] and repo.only("repo")["artifact"] == graph
+    assert main([str(graph), "--triton-repo", "r3", "--triton-max-batch", "2"]) == 0  # no engine unless asked
+    assert repo == [("repo", {"artifact": graph, "out": Path("r3"), "options": RepoOptions(max_batch=2)})]
     repo.clear()
     assert main([str(graph), "--triton-repo", "r4", "--engine", "-o", "g.engine"]) == 0
     assert repo.only("repo")["artifact"] == Path("E") and repo.only("engine")["output"] == Path("g.engine")
@@ -550,19 +550,27 @@ def test_triton_refusals(repo, capsys):
     assert repo == []
 
 
+def reported(argv):
+    """main's exit code; an interrupt it lets through (instead of reporting) fails the test, not the whole run."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt was not reported")
+
+
 def test_an_interrupt_lists_what_was_written(calls, checkpoint, monkeypatch, capsys):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tensorrt, "build_engine", interrupted)
-    assert main([str(checkpoint), "--size", "64", "-o", "m.onnx", "--engine", "-q"]) == 130
+    assert reported([str(checkpoint), "--size", "64", "-o", "m.onnx", "--engine", "-q"]) == 130
     assert capsys.readouterr().err == ("m2f-export: interrupted; written (complete): m.onnx; the steps after it were "
                                        "not finished\n")  # fmt: skip
     from m2f_deploy.serve import repository
 
     monkeypatch.setattr(tensorrt, "build_engine", lambda path, output=None, **kw: "m.engine")
     monkeypatch.setattr(repository, "write_repository", interrupted)
-    assert main([str(checkpoint), "--size", "64", "-o", "n.onnx", "--engine", "--triton-repo", "r", "-q"]) == 130
+    assert reported([str(checkpoint), "--size", "64", "-o", "n.onnx", "--engine", "--triton-repo", "r", "-q"]) == 130
     assert capsys.readouterr().err == ("m2f-export: interrupted; written (complete): n.onnx, m.engine; the steps "
                                        "after it were not finished\n")  # fmt: skip
     monkeypatch.setattr(export_pkg, "export_onnx", interrupted)
@@ -582,14 +590,14 @@ def test_an_interrupt_after_a_quantization_or_an_engine_from_an_onnx(calls, grap
     monkeypatch.setattr(artifact, "read_onnx_metadata", lambda p: {"fused_heads": []})  # the recorded "q.onnx"
     monkeypatch.setattr(tensorrt, "build_engine", interrupted)
     argv = [str(graph), "--int8", "--calib", str(tmp_path / "calib" / "images"), "-q", "--engine"]
-    assert main([*argv, "-o", "q.onnx"]) == 130
+    assert reported([*argv, "-o", "q.onnx"]) == 130
     assert capsys.readouterr().err == ("m2f-export: interrupted; written (complete): q.onnx; the steps after it were "
                                        "not finished\n")  # fmt: skip
     from m2f_deploy.serve import repository
 
     monkeypatch.setattr(tensorrt, "build_engine", lambda path, output=None, **kw: calls.append(output) or "g.engine")
     monkeypatch.setattr(repository, "write_repository", interrupted)
-    assert main([*argv, "--triton-repo", "r"]) == 130
+    assert reported([*argv, "--triton-repo", "r"]) == 130
     assert calls[-1] is None  # the quantized graph's engine: named after it
     assert capsys.readouterr().err == (f"m2f-export: interrupted; written (complete): {graph.with_name('g-int8.onnx')}"
                                        ", g.engine; the steps after it were not finished\n")  # fmt: skip
@@ -683,8 +691,9 @@ def test_heads_and_input_on_an_onnx_rewrite_it(fuse, graph, capsys, tmp_path):
     assert u == {"source": f["path"], "path": out, "validate": True, "seed": 2}
     assert capsys.readouterr().out == f"{out}\n"
     fuse.clear()
-    assert main([str(graph), "--input", "uint8", "-o", "u2.onnx"]) == 0
+    assert main([str(graph), "--input", "uint8"]) == 0
     assert fuse.only("uint8")["validate"] is True and fuse.only("uint8")["seed"] == 0
+    assert fuse.only("uint8")["path"] == graph.with_name("g-uint8.onnx")  # the default name: no head suffix
     fuse.clear()
     assert main([str(graph), "--heads", "instance", "-o", "i.onnx", "--no-validate", "--seed", "3",
                  "--head-size", "4", "4"]) == 0  # fmt: skip
@@ -733,7 +742,7 @@ def test_an_interrupted_rewrite_reports_its_output(fuse, graph, monkeypatch, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr(repository, "write_repository", interrupted)
-    assert main([str(graph), "--heads", "semantic", "-o", "s.onnx", "--triton-repo", "r"]) == 130
+    assert reported([str(graph), "--heads", "semantic", "-o", "s.onnx", "--triton-repo", "r"]) == 130
     assert capsys.readouterr().err == ("m2f-export: interrupted; written (complete): s.onnx; the steps after it were "
                                        "not finished\n")  # fmt: skip
 
@@ -750,3 +759,32 @@ def test_a_full_disk_during_a_rewrite_is_one_error(fuse, graph, monkeypatch, cap
     assert run("m2f-export", main, [str(graph), "--heads", "semantic", "-o", "s.onnx"]) == 1
     assert capsys.readouterr().err == "m2f-export: error: -o s.onnx: cannot write (No space left on device); nothing " \
                                       "was written\n"
+
+
+def test_head_size_without_a_head_on_an_onnx_is_refused(fuse, graph, capsys):
+    message = "m2f-export: error: --head-size is for --heads semantic|instance|panoptic (the size of their maps)\n"
+    for flags in ([], ["--input", "uint8"]):  # an engine build or the uint8 rewrite would ignore it
+        assert run("m2f-export", main, [str(graph), "--head-size", "8", "8", *flags]) == 1
+        assert capsys.readouterr().err == message
+    assert fuse == []
+
+
+def test_a_full_disk_during_an_export_or_a_quantization_is_one_error(calls, checkpoint, graph, monkeypatch, capsys,
+                                                                      tmp_path):  # fmt: skip
+    import errno
+
+    from m2f_deploy.data import write_dataset
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_pkg, "export_onnx", full)
+    assert run("m2f-export", main, [str(checkpoint), "--size", "64", "-o", "m.onnx", "-q"]) == 1
+    assert capsys.readouterr().err == "m2f-export: error: -o m.onnx: cannot write (No space left on device); " \
+                                      "nothing was written\n"
+    monkeypatch.setattr(int8, "quantize_int8", full)
+    write_dataset(tmp_path / "calib", 1, seed=1, size=(40, 48))
+    argv = [str(graph), "--int8", "--calib", str(tmp_path / "calib" / "images"), "-q", "-o", "q.onnx"]
+    assert run("m2f-export", main, argv) == 1
+    assert capsys.readouterr().err == "m2f-export: error: -o q.onnx: cannot write (No space left on device); " \
+                                      "nothing was written\n"
