@@ -643,7 +643,10 @@ def test_sigterm_during_export_removes_its_temporary_folder(checkpoint, tmp_path
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # exit status 130, or death by SIGINT after the interrupt was handled (seen about one run in three here: the
+    # message below printed, no traceback; the interpreter ends itself with SIGINT when it still counts the interrupt
+    # as unhandled at exit): a shell reports both as status 130
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert err.strip().splitlines()[-1] == "m2f-export: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
