@@ -497,6 +497,15 @@ def test_zoo_config_only_for_original_checkpoints(zoo, graph, capsys):
     assert run("m2f-export", main, ["--preset", "swin-tiny-coco-panoptic", "--zoo-config", "c"]) == 1
     assert capsys.readouterr().err == message
     assert zoo == []
+    # an exported graph or engine never reads them: refused, not ignored (the .onnx route returned before the check)
+    for artifact in (str(graph), "model.engine"):
+        for flags, named in ((["--zoo-config", "c"], "--zoo-config"), (["--num-queries", "50"], "--num-queries"),
+                             (["--labels", "l.json", "--num-queries", "5"], "--num-queries / --labels")):  # fmt: skip
+            assert run("m2f-export", main, [artifact, *flags, "--triton-repo", "r"]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"m2f-export: error: {named}: for an original (detectron2) .pkl / .pth checkpoint, "
+                                  f"not for {artifact}") and err.count("\n") == 1, err
+    assert zoo == [] and not Path("r").exists()
 
 
 @pytest.fixture

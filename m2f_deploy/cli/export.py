@@ -191,6 +191,11 @@ def _main(argv: list[str] | None = None) -> int:
     if args.trt_plugin_version is not None and args.msda != "trt_plugin":
         raise InputError(f"--trt-plugin-version is for --msda trt_plugin (the plugin's version), not {args.msda}")
     from_onnx = bool(args.checkpoint) and str(args.checkpoint).endswith(".onnx")
+    zoo_flags = [f for f, v in (("--zoo-config", args.zoo_config), ("--num-queries", args.num_queries),
+                                ("--labels", args.labels)) if v is not None]  # fmt: skip
+    if zoo_flags and str(args.checkpoint).endswith((".onnx", ".engine")):  # those routes never read them
+        raise InputError(f"{' / '.join(zoo_flags)}: for an original (detectron2) .pkl / .pth checkpoint, not for "
+                         f"{args.checkpoint} (an exported graph carries its own classes and queries)")
     triton = _triton_options(args)
     if args.checkpoint and str(args.checkpoint).endswith(".engine"):
         if triton is None:
