@@ -307,3 +307,115 @@ def test_the_reference_runs_in_its_own_dtype(graph):
     model.dtype = torch.float64
     assert validate_onnx(model, graph).ok
     assert {x.dtype for x in model.inputs} == {torch.float64}
+
+
+# -- the fused-head gate's comparison (fast: synthetic results, no graphs; the real gate runs in test_heads.py) --------
+
+
+def test_head_compare_semantic_plain_and_with_float_ties():
+    from m2f_deploy.export.validate import MIN_HEAD_SEMANTIC_AGREEMENT, SEMANTIC_TIE, compare_head
+
+    reference = [np.array([[0, 1], [1, 1]]), np.array([[2, 2], [2, 2]])]
+    fused = [np.array([[0, 1], [0, 1]]), np.array([[2, 2], [2, 2]])]
+    case = compare_head("semantic", reference, fused, (2, 3, 2, 2))
+    assert case.shape == (2, 3, 2, 2) and case.task == "semantic"
+    assert case.semantic_agreement == case.semantic_agreement_ties == 7 / 8 and not case.ok
+    # with the class scores: a pixel whose fused class scores within SEMANTIC_TIE (relative) of the best agrees
+    scores = np.zeros((3, 1, 2), np.float32)
+    scores[:, 0, 0] = [0.2, 0.5, 0.3]  # best 1; 2 is far below
+    scores[:, 0, 1] = [0.4, 0.4 * (1 - SEMANTIC_TIE / 2), 0.1]  # 0 best, 1 a float tie
+    ref = [{"segmentation": np.array([[1, 0]]), "segmentation_scores": scores}]
+    tie = compare_head("semantic", ref, [np.array([[1, 1]])])
+    assert tie.semantic_agreement == 0.5 and tie.semantic_agreement_ties == 1.0 and tie.ok
+    far = compare_head("semantic", ref, [np.array([[2, 0]])])
+    assert far.semantic_agreement == 0.5 and far.semantic_agreement_ties == 0.5 and not far.ok
+    just = compare_head("semantic", [np.zeros((1, 1000), int)], [np.r_[np.ones(1), np.zeros(999)].astype(int)[None]])
+    assert just.semantic_agreement == MIN_HEAD_SEMANTIC_AGREEMENT and just.ok  # the bound itself passes
+    with pytest.raises(ValueError):
+        compare_head("semantic", reference, fused[:1])
+
+
+def _segments(ids, infos):
+    return {"segmentation": np.array(ids), "segments_info": [{"id": i, "label_id": l, "score": s} for i, l, s in infos]}
+
+
+def test_head_compare_segments_by_label_and_nearest_score():
+    from m2f_deploy.export.validate import HEAD_SCORE_TOLERANCE, compare_head
+
+    ref = _segments([[1, 1], [2, 0]], [(1, 5, 0.9), (2, 7, 0.8)])
+    # the same segments under other ids, scores within the tolerance: all matched, every pixel's label equal
+    same = _segments([[4, 4], [3, 0]], [(3, 7, 0.8 + HEAD_SCORE_TOLERANCE / 2), (4, 5, 0.9)])
+    case = compare_head("panoptic", [ref], [same])
+    assert (case.matched, case.segments, case.semantic_agreement) == ((2, 2), (2, 2), 1.0) and case.ok
+    assert case.max_score_error == pytest.approx(HEAD_SCORE_TOLERANCE / 2)
+    # a score off by more than the tolerance: counted, not matched, its error reported
+    off = _segments([[4, 4], [3, 0]], [(3, 7, 0.8 + 3 * HEAD_SCORE_TOLERANCE), (4, 5, 0.9)])
+    case = compare_head("panoptic", [ref], [off])
+    assert case.matched == (1, 2) and not case.ok and case.max_score_error == pytest.approx(3 * HEAD_SCORE_TOLERANCE)
+    # the nearest of two same-label candidates is taken, and a fused segment pairs once only
+    two = _segments([[1, 1], [2, 0]], [(1, 5, 0.5), (2, 5, 0.9)])
+    case = compare_head("instance", [_segments([[1, 1], [1, 0]], [(1, 5, 0.9), (2, 5, 0.9)])], [two])
+    assert case.matched == (1, 2) and case.segments == (2, 2)
+    # another label: unmatched; a missing segment: counts differ; pixels compared as labels
+    case = compare_head("panoptic", [ref], [_segments([[1, 1], [0, 0]], [(1, 6, 0.9)])])
+    assert case.matched == (0, 2) and case.segments == (2, 1) and case.semantic_agreement == 0.25 and not case.ok
+    # no images at all: nothing disagrees
+    empty = compare_head("panoptic", [], [])
+    assert empty.semantic_agreement == empty.semantic_agreement_ties == 1.0 and empty.ok
+
+
+def test_head_case_ok_needs_every_count_equal():
+    from m2f_deploy.export.validate import HeadCase
+
+    good = dict(task="panoptic", semantic_agreement=1.0, matched=(2, 2), segments=(2, 2))
+    assert HeadCase((1,), **good).ok
+    assert not HeadCase((1,), **{**good, "matched": (1, 2)}).ok
+    assert not HeadCase((1,), **{**good, "segments": (2, 3)}).ok
+    assert not HeadCase((1,), **{**good, "semantic_agreement": 0.99}).ok
+    assert HeadCase((1,), "semantic", semantic_agreement=0.0, semantic_agreement_ties=0.999).ok
+    assert not HeadCase((1,), "semantic", semantic_agreement=1.0, semantic_agreement_ties=0.998).ok
+
+
+def test_head_report_format_and_raise():
+    from m2f_deploy.export.validate import HeadCase, HeadReport, ValidationError
+
+    good = HeadCase((1, 3, 64, 64), "panoptic", 0.9995, 0.9995, (3, 3), (3, 3), 2.5e-4)
+    bad = HeadCase((2, 3, 32, 48), "semantic", 0.5, 0.75)
+    assert HeadReport([good]).ok and not HeadReport([good, bad]).ok and HeadReport([]).ok
+    HeadReport([good]).raise_if_failed("x.onnx")  # nothing raised
+    lines = HeadReport([good, bad]).format().splitlines()
+    assert lines[0].startswith("| input | head | pixel agreement (with float ties) |") and lines[1].startswith("|---|")
+    assert lines[2] == "| 1x3x64x64 | panoptic | 99.950% (99.950%) | 3/3 | 3 / 3 | 0.00025 | ok |"
+    assert lines[3] == "| 2x3x32x48 | semantic | 50.000% (75.000%) | 0/0 | 0 / 0 | 0 | FAIL |"
+    with pytest.raises(ValidationError) as e:
+        HeadReport([good, bad]).raise_if_failed("x.onnx")
+    message = str(e.value)
+    assert message.startswith("x.onnx: the fused head does not match the numpy post-processing of the logits graph "
+                              "(nothing was written; --no-validate skips this gate):\n| input |")  # fmt: skip
+    assert message.endswith(lines[3])
+
+
+def test_head_label_map_and_the_reference_post_processing():
+    from m2f_deploy.export.validate import _label_map, head_results
+
+    labels = _label_map(_segments([[1, 2], [9, 0]], [(1, 4, 0.5), (2, 6, 0.5)]))
+    assert labels.dtype == np.int64 and labels.tolist() == [[4, 6], [-1, -1]]  # 9: no such segment
+    calls = []
+
+    class Processor:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs)) or ["r"]
+
+    out = {"class_queries_logits": 1}
+    for task, options in (("semantic", {}), ("instance", {}), ("instance", {"threshold": 0.3}), ("panoptic", {}),
+                          ("panoptic", {"threshold": 0.1, "mask_threshold": 0.2, "overlap_mask_area_threshold": 0.3,
+                                        "label_ids_to_fuse": {1}})):  # fmt: skip
+        assert head_results({"fused_heads": [task]}, Processor(), out, (5, 7), 2, **options) == ["r"]
+    sizes = [(5, 7), (5, 7)]
+    assert calls == [
+        ("post_process_semantic_segmentation", (out,), {"target_sizes": sizes, "return_segmentation_scores": True}),
+        ("post_process_instance_segmentation", (out,), {"threshold": 0.5, "target_sizes": sizes}),
+        ("post_process_instance_segmentation", (out,), {"threshold": 0.3, "target_sizes": sizes}),
+        ("post_process_panoptic_segmentation", (out, 0.5, 0.5, 0.8, None), {"target_sizes": sizes}),
+        ("post_process_panoptic_segmentation", (out, 0.1, 0.2, 0.3, {1}), {"target_sizes": sizes}),
+    ]
