@@ -329,6 +329,15 @@ def test_head_compare_semantic_plain_and_with_float_ties():
     assert tie.semantic_agreement == 0.5 and tie.semantic_agreement_ties == 1.0 and tie.ok
     far = compare_head("semantic", ref, [np.array([[2, 0]])])
     assert far.semantic_agreement == 0.5 and far.semantic_agreement_ties == 0.5 and not far.ok
+    # the tie is relative to the best score where that exceeds 1, absolute (1e-5) below it
+    big = np.zeros((2, 1, 2), np.float32)
+    big[:, 0, 0] = [1000.0, 1000.0 - 0.004]  # within 1e-5 of 1000: a tie
+    big[:, 0, 1] = [0.5, 0.5 - 1.5 * SEMANTIC_TIE]  # beyond 1e-5 absolute: not a tie
+    ties = compare_head("semantic", [{"segmentation": np.array([[0, 0]]), "segmentation_scores": big}],
+                        [np.array([[1, 1]])])  # fmt: skip
+    assert ties.semantic_agreement == 0.0 and ties.semantic_agreement_ties == 0.5
+    with pytest.raises(ValueError):
+        compare_head("semantic", ref * 2, [np.array([[1, 1]])])
     just = compare_head("semantic", [np.zeros((1, 1000), int)], [np.r_[np.ones(1), np.zeros(999)].astype(int)[None]])
     assert just.semantic_agreement == MIN_HEAD_SEMANTIC_AGREEMENT and just.ok  # the bound itself passes
     with pytest.raises(ValueError):
@@ -359,6 +368,11 @@ def test_head_compare_segments_by_label_and_nearest_score():
     # another label: unmatched; a missing segment: counts differ; pixels compared as labels
     case = compare_head("panoptic", [ref], [_segments([[1, 1], [0, 0]], [(1, 6, 0.9)])])
     assert case.matched == (0, 2) and case.segments == (2, 1) and case.semantic_agreement == 0.25 and not case.ok
+    # a score exactly at the tolerance still pairs
+    at = compare_head("panoptic", [_segments([[1]], [(1, 5, 0.0)])], [_segments([[1]], [(1, 5, HEAD_SCORE_TOLERANCE)])])
+    assert at.matched == (1, 1)
+    with pytest.raises(ValueError):
+        compare_head("panoptic", [ref, ref], [same])
     # no images at all: nothing disagrees
     empty = compare_head("panoptic", [], [])
     assert empty.semantic_agreement == empty.semantic_agreement_ties == 1.0 and empty.ok
@@ -380,13 +394,13 @@ def test_head_report_format_and_raise():
     from m2f_deploy.export.validate import HeadCase, HeadReport, ValidationError
 
     good = HeadCase((1, 3, 64, 64), "panoptic", 0.9995, 0.9995, (3, 3), (3, 3), 2.5e-4)
-    bad = HeadCase((2, 3, 32, 48), "semantic", 0.5, 0.75)
+    bad = HeadCase((2, 3, 32, 48), "instance", 0.5, 0.75, (1, 2), (2, 3))
     assert HeadReport([good]).ok and not HeadReport([good, bad]).ok and HeadReport([]).ok
     HeadReport([good]).raise_if_failed("x.onnx")  # nothing raised
     lines = HeadReport([good, bad]).format().splitlines()
     assert lines[0].startswith("| input | head | pixel agreement (with float ties) |") and lines[1].startswith("|---|")
     assert lines[2] == "| 1x3x64x64 | panoptic | 99.950% (99.950%) | 3/3 | 3 / 3 | 0.00025 | ok |"
-    assert lines[3] == "| 2x3x32x48 | semantic | 50.000% (75.000%) | 0/0 | 0 / 0 | 0 | FAIL |"
+    assert lines[3] == "| 2x3x32x48 | instance | 50.000% (75.000%) | 1/2 | 2 / 3 | 0 | FAIL |"
     with pytest.raises(ValidationError) as e:
         HeadReport([good, bad]).raise_if_failed("x.onnx")
     message = str(e.value)
