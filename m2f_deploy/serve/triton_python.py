@@ -92,6 +92,7 @@ class Postprocess:
             values[key] = column
         post = getattr(self.processor, f"post_process_{task}_segmentation")
         pixel_mask = np.asarray(arrays["pixel_mask"])
+        logits = {name: np.asarray(arrays[name]) for name in OUTPUT_NAMES}
         results = []
         for i in range(count):  # per image: each may carry its own thresholds (the post-process is per image anyway)
             try:  # which image's value is wrong, as Preprocess names the bad image
@@ -100,7 +101,7 @@ class Postprocess:
                 raise InputError(f"image {i}: {e}") from None
             if task == "semantic":
                 thresholds = {}  # transformers' semantic post-process takes none
-            outputs = {name: np.asarray(arrays[name])[i : i + 1] for name in OUTPUT_NAMES}
+            outputs = {name: value[i : i + 1] for name, value in logits.items()}
             results += post(outputs, target_sizes=[sizes[i]], pixel_mask=pixel_mask[i : i + 1], **thresholds)
         maps, _, infos = protocol.encode_results(task, results)
         return {"segmentation": maps, "segments_info": np.array([[s.encode()] for s in infos], dtype=object)}
